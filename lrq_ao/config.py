@@ -1,0 +1,116 @@
+"""``LearnedRoundingConfig``: the one user-facing configuration of lrq_ao.
+
+It is a torchao ``AOBaseConfig`` so ``torchao.quantization.quantize_`` accepts it (the handler is registered in
+``lrq_ao.api``). Every field validates in ``__post_init__`` and the whole config round-trips through JSON
+(``to_json`` / ``from_json``) except ``calibration``, which holds live statistics and is never serialized.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from torchao.core.config import AOBaseConfig
+
+from lrq_ao.primitives import FORMATS, FormatSpec, format_spec
+
+CONFIG_VERSION = 1
+
+OBJECTIVES = ("auto", "rtn", "svd", "output", "act_svd")
+OPTIMIZERS = ("original", "adamw", "radam", "prodigy")
+SCHEDULES = ("none", "plateau", "exponential", "cosine")
+ACTIVATIONS = ("weight_only", "dynamic")
+KERNELS = ("auto", "torch", "emulated", "triton")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"LearnedRoundingConfig.{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass
+class LearnedRoundingConfig(AOBaseConfig):
+    """How to quantize every eligible ``nn.Linear`` weight.
+
+    Format:
+      format: ``fp8`` (e4m3fn, per-tensor), ``fp8_row``, ``fp8_block``, ``int8`` (per-row), ``int8_tensor``,
+        ``int8_block``.
+      block_size: block edge for the ``*_block`` formats.
+    Inference:
+      activation: ``weight_only`` (dequantize into the activation dtype) or ``dynamic`` (quantize activations
+        per call: FP8 per-tensor/per-row following the weight, INT8 per-token or per-block).
+      kernel: ``auto``, ``torch``, ``emulated`` or ``triton``.
+    Rounding:
+      objective: ``rtn`` (round-to-nearest), ``svd`` (the reference: truncated SVD of W, minimize
+        ``‖U_kᵀ (W_dq − W) V_k‖``), ``output`` (layer-output error on calibration activations), ``act_svd``
+        (subspace from the activations' SVD), or ``auto`` (``output`` when calibration is given, else ``svd``).
+      top_p, min_k, max_k: rank rule for the SVD objectives.
+      optimizer, lr, lr_schedule, num_iter, check_every, patience: the optimization loop.
+      seed: makes the rounding deterministic.
+      calibration: statistics from ``lrq_ao.calibrate`` (not serialized).
+      bias_correction: ``b ← b − (W_dq − W)·μ_x`` with the calibrated input mean.
+      device: where the optimization runs (``None``: the weight's device).
+    """
+
+    format: str = "fp8"
+    block_size: int = 128
+    activation: str = "weight_only"
+    kernel: str = "auto"
+    objective: str = "auto"
+    top_p: float = 0.01
+    min_k: int = 1
+    max_k: int = 16
+    optimizer: str = "original"
+    lr: float = 1e-2
+    lr_schedule: str = "plateau"
+    num_iter: int = 500
+    check_every: int = 50
+    patience: int = 4
+    seed: int = 0
+    bias_correction: bool = False
+    device: str | None = None
+    calibration: Any = field(default=None, repr=False, compare=False)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"LearnedRoundingConfig.format must be one of {sorted(FORMATS)}, got {self.format!r}")
+        if self.block_size not in (32, 64, 128, 256):
+            raise ValueError(f"LearnedRoundingConfig.block_size must be 32, 64, 128 or 256, got {self.block_size}")
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("kernel", self.kernel, KERNELS)
+        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"LearnedRoundingConfig.top_p must be in [0, 1], got {self.top_p}")
+        if self.min_k < 1 or self.max_k < self.min_k:
+            raise ValueError(f"need 1 <= min_k <= max_k, got min_k={self.min_k}, max_k={self.max_k}")
+        if self.num_iter < 0 or self.check_every < 1 or self.patience < 1:
+            raise ValueError("num_iter must be >= 0, check_every and patience >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"LearnedRoundingConfig.lr must be positive, got {self.lr}")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"config version {self.version} is not supported; this lrq_ao reads {CONFIG_VERSION}")
+
+    @property
+    def spec(self) -> FormatSpec:
+        return format_spec(self.format, self.block_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self) if self.calibration is None else {f.name: getattr(self, f.name) for f in fields(self)}
+        d.pop("calibration", None)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LearnedRoundingConfig:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)} - {"calibration"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown LearnedRoundingConfig fields {sorted(unknown)}")
+        return cls(**data)
