@@ -302,7 +302,7 @@ def decode_marker(tensor: torch.Tensor, name: str = "comfy_quant") -> dict[str, 
         )
     try:
         marker = json.loads(tensor.numpy().tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ComfyFormatError(f"{name}: marker is not valid UTF-8 JSON ({exc})") from None
     return validate_marker(marker, name)
 
@@ -367,7 +367,7 @@ def parse_metadata_header(text: Any, where: str = "_quantization_metadata") -> d
     """Parse and validate a ``_quantization_metadata`` header; returns its per-layer markers."""
     try:
         data = json.loads(text)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ComfyFormatError(f"{where}: header is not valid JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
         raise ComfyFormatError(f"{where}: header must be a JSON object with a 'layers' object")
