@@ -1,0 +1,65 @@
+"""Calibration and evaluation splits: real text, disjoint, deterministic, correctly tokenized."""
+
+import pytest
+import torch
+
+from lrq_ao.quality.corpus import PARAGRAPHS
+from lrq_ao.quality.texts import (
+    MAX_TOKENS,
+    all_sentences,
+    calibration_batches,
+    calibration_sentences,
+    evaluation_batches,
+    evaluation_sentences,
+    load_tokenizer,
+)
+
+CLS, SEP, PAD = 101, 102, 0
+
+
+def test_enough_unique_sentences():
+    sentences = all_sentences()
+    assert len(sentences) >= 120
+    assert len(set(sentences)) == len(sentences)
+    assert all(s[-1] in ".?!" and s[0].isupper() for s in sentences)
+    assert sum(p.count(". ") + p.count("? ") + p.count("! ") + 1 for p in PARAGRAPHS) == len(sentences)
+
+
+def test_splits_are_disjoint_and_cover_everything():
+    calib, evals = calibration_sentences(), evaluation_sentences()
+    assert not set(calib) & set(evals)
+    assert sorted(calib + evals) == sorted(all_sentences())
+    assert len(evals) >= 60 and len(calib) >= 2 * len(evals) - 1
+
+
+def test_splits_are_deterministic():
+    a, b = evaluation_batches(8), evaluation_batches(8)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for tx, ty in zip(x, y):
+            assert torch.equal(tx, ty)
+
+
+@pytest.mark.parametrize("make_batches", [calibration_batches, evaluation_batches])
+def test_batches_are_padded_bert_inputs(make_batches):
+    batches = make_batches(batch_size=16)
+    sentences = calibration_sentences() if make_batches is calibration_batches else evaluation_sentences()
+    assert sum(b.input_ids.shape[0] for b in batches) == len(sentences)
+    tokenizer = load_tokenizer()
+    for batch in batches:
+        ids, mask, types = batch
+        assert ids.dtype == mask.dtype == types.dtype == torch.long
+        assert ids.shape == mask.shape == types.shape and ids.shape[1] <= MAX_TOKENS
+        assert bool((ids[:, 0] == CLS).all())
+        lengths = mask.sum(1)
+        assert int(lengths.max()) == ids.shape[1]  # padded to the longest in the batch, no further
+        for row, n in zip(ids, lengths):
+            assert int(row[n - 1]) == SEP and bool((row[n:] == PAD).all())
+        assert bool(((mask == 1) == (ids != PAD)).all()) and not bool(types.any())
+    first = batches[0].input_ids[0, : int(batches[0].attention_mask[0].sum())].tolist()
+    assert tokenizer.decode(first).replace(" ", "") == sentences[0].lower().replace(" ", "")
+
+
+def test_bad_batch_size_is_rejected():
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluation_batches(0)
