@@ -1,0 +1,196 @@
+"""How a quantized linear treats its activations, and the reference activation quantization.
+
+``ActivationMode`` is stored on every quantized weight (it is part of the tensor's flattened metadata, so it
+survives ``torch.compile``, ``state_dict`` and ``torch.save``):
+
+* ``weight_only``: the weight is dequantized into the activation dtype and an ordinary matmul runs.
+* ``dynamic``: each call quantizes the activations to the weight's element type, with one scale per
+  ``tensor``, per ``row`` (per token) or per ``block`` (1 x ``block`` along K), then multiplies the two
+  quantized operands.
+
+The functions ``quantize_activation`` / ``dequantize_activation`` / ``emulated_linear`` are the pure-PyTorch
+reference for every backend (the Triton kernels are tested against them). They follow the weight conventions of
+``lrq_ao.primitives``: ``scale = max(amax / qmax, 1e-8)`` in float32, true division, round-to-nearest-even,
+saturating.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from lrq_ao.primitives import DEFAULT_BLOCK, FP8_DTYPE, MIN_SCALE, qmax_of, round_to_grid
+
+ACTIVATION_KINDS = ("weight_only", "dynamic")
+ACTIVATION_GRANULARITIES = ("tensor", "row", "block")
+
+
+class KernelChoice(str, enum.Enum):
+    """Which family of linear backends may run a quantized weight.
+
+    ``AUTO`` picks the best usable backend by priority; the others restrict the choice to that family and raise
+    (listing every refusal) if none of its backends can run the given input.
+    """
+
+    AUTO = "auto"
+    TORCH = "torch"
+    EMULATED = "emulated"
+    TRITON = "triton"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class ActivationMode:
+    """How activations are treated when a quantized weight runs a linear.
+
+    kind: ``weight_only`` or ``dynamic``.
+    granularity: for ``dynamic``, one activation scale per ``tensor``, per ``row`` (token) or per ``block``.
+    block: the activation block length along K for ``granularity == "block"``.
+    """
+
+    kind: str = "weight_only"
+    granularity: str = "row"
+    block: int = DEFAULT_BLOCK
+
+    def __post_init__(self) -> None:
+        if self.kind not in ACTIVATION_KINDS:
+            raise ValueError(f"ActivationMode.kind must be one of {ACTIVATION_KINDS}, got {self.kind!r}")
+        if self.granularity not in ACTIVATION_GRANULARITIES:
+            raise ValueError(
+                f"ActivationMode.granularity must be one of {ACTIVATION_GRANULARITIES}, got {self.granularity!r}"
+            )
+        if self.block <= 0:
+            raise ValueError(f"ActivationMode.block must be positive, got {self.block}")
+
+    @property
+    def is_dynamic(self) -> bool:
+        return self.kind == "dynamic"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ActivationMode:
+        return cls(**data)
+
+    def __str__(self) -> str:
+        if not self.is_dynamic:
+            return "weight_only"
+        suffix = f"{self.block}" if self.granularity == "block" else ""
+        return f"dynamic/{self.granularity}{suffix}"
+
+
+WEIGHT_ONLY = ActivationMode()
+
+
+def activation_mode_for(kind: str, qdtype: torch.dtype, weight_block_size: tuple[int, int], shape) -> ActivationMode:
+    """The activation mode that matches a weight layout.
+
+    ``weight_only`` needs no choice. For ``dynamic`` the activation granularity follows the weight: a per-tensor
+    FP8 weight gets a per-tensor activation scale; a block-wise weight gets 1 x ``bk`` activation blocks (so the
+    K blocks of both operands line up); everything else gets a per-token (row) scale.
+    """
+    if kind == "weight_only":
+        return WEIGHT_ONLY
+    if kind != "dynamic":
+        raise ValueError(f"activation kind must be one of {ACTIVATION_KINDS}, got {kind!r}")
+    n, k = int(shape[0]), int(shape[1])
+    bn, bk = weight_block_size
+    if (bn, bk) == (n, k):
+        return ActivationMode("dynamic", "tensor" if qdtype == FP8_DTYPE else "row")
+    if bn == 1:
+        return ActivationMode("dynamic", "row")
+    return ActivationMode("dynamic", "block", bk)
+
+
+def activation_block_size(x2d: torch.Tensor, mode: ActivationMode) -> tuple[int, int]:
+    """The 2-D ``block_size`` of an activation matrix ``(M, K)`` under ``mode`` (same convention as weights)."""
+    m, k = x2d.shape
+    if mode.granularity == "tensor":
+        return (m, k)
+    if mode.granularity == "row":
+        return (1, k)
+    return (1, mode.block)
+
+
+def activation_refusal(k: int, mode: ActivationMode) -> str | None:
+    """Why activations with inner size ``k`` cannot be quantized under ``mode`` (``None`` if they can)."""
+    if mode.is_dynamic and mode.granularity == "block" and k % mode.block:
+        return f"activation block {mode.block} does not divide K={k}"
+    return None
+
+
+def quantize_activation(
+    x2d: torch.Tensor, qdtype: torch.dtype, mode: ActivationMode
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize an activation matrix ``(M, K)``. Returns ``(xq, x_scale)``.
+
+    ``x_scale`` is float32 with shape ``(1, 1)`` (tensor), ``(M, 1)`` (row) or ``(M, K // block)`` (block).
+    Reductions use ``reshape`` + ``amax`` only, so ``M`` may be symbolic under ``torch.compile``.
+    """
+    if x2d.dim() != 2:
+        raise ValueError(f"quantize_activation expects a 2-D (M, K) activation, got shape {tuple(x2d.shape)}")
+    reason = activation_refusal(x2d.shape[-1], mode)
+    if reason is not None:
+        raise ValueError(reason)
+    qmax = qmax_of(qdtype)
+    xf = x2d.float()
+    if mode.granularity == "tensor":
+        amax = xf.abs().amax().reshape(1, 1)
+    elif mode.granularity == "row":
+        amax = xf.abs().amax(dim=1, keepdim=True)
+    else:
+        amax = xf.abs().reshape(xf.shape[0], -1, mode.block).amax(dim=2)
+    scale = (amax / qmax).clamp_min(MIN_SCALE)
+    xq = round_to_grid(_divide_by_scale(xf, scale, mode), qdtype)
+    return xq, scale
+
+
+def dequantize_activation(xq: torch.Tensor, x_scale: torch.Tensor, mode: ActivationMode) -> torch.Tensor:
+    """Float32 ``xq * x_scale`` broadcast over the activation blocks of ``mode``."""
+    xf = xq.float()
+    if mode.granularity == "block":
+        m, k = xf.shape
+        return (xf.reshape(m, -1, mode.block) * x_scale.unsqueeze(-1)).reshape(m, k)
+    return xf * x_scale
+
+
+def _divide_by_scale(xf: torch.Tensor, scale: torch.Tensor, mode: ActivationMode) -> torch.Tensor:
+    if mode.granularity == "block":
+        m, k = xf.shape
+        return (xf.reshape(m, -1, mode.block) / scale.unsqueeze(-1)).reshape(m, k)
+    return xf / scale
+
+
+def emulated_linear(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    block_size: tuple[int, int],
+    mode: ActivationMode,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference quantized linear: ``y = dq(q(x)) @ dq(W).T`` in float32, cast to ``x.dtype``, plus ``bias``.
+
+    In ``weight_only`` mode the activations are used as they are (upcast to float32). ``x`` may have any number of
+    leading dimensions; the weight is ``(N, K)``.
+    """
+    from lrq_ao.primitives import dequantize
+
+    k = x.shape[-1]
+    x2d = x.reshape(-1, k)
+    if mode.is_dynamic:
+        xq, x_scale = quantize_activation(x2d, qdata.dtype, mode)
+        x2d_f = dequantize_activation(xq, x_scale, mode)
+    else:
+        x2d_f = x2d.float()
+    w = dequantize(qdata, scale, block_size, torch.float32)
+    y = (x2d_f @ w.t()).to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], qdata.shape[0])

@@ -1,0 +1,278 @@
+"""How a linear with a quantized weight runs: a registry of backends chosen by declared capability.
+
+A ``LinearBackend`` names its ``KernelChoice`` family, a ``supports(x, weight, bias)`` that returns ``None`` when it
+can run the input or a sentence saying why not, and ``run(x, weight, bias)``. ``select_linear_backend`` honours
+``weight.kernel``: ``AUTO`` takes the usable backend of highest priority; ``TORCH`` / ``EMULATED`` / ``TRITON``
+only consider that family and raise, listing every refusal, if none fits. No backend is tried and abandoned on
+failure: the choice is made from declarations, never from exceptions.
+
+Selection reads dtypes, devices, static sizes (K, N) and the weight's metadata, never the batch size M, which is
+symbolic under ``torch.compile(dynamic=True)``. Built-in backends:
+
+* ``torch_weight_only`` (TORCH): ``F.linear(x, W.dequantize(x.dtype), bias)``; runs everywhere and Inductor fuses
+  the dequantization into the matmul's prologue.
+* ``torch_scaled_mm`` (TORCH): FP8 dynamic, per-tensor or per-row scales, ``torch._scaled_mm`` on CUDA SM >= 8.9.
+* ``torch_int_mm`` (TORCH): INT8 dynamic per-token with a per-row / per-tensor weight, ``torch._int_mm`` on CUDA.
+* ``emulated`` (EMULATED): ``lrq_ao.layouts.activation.emulated_linear``, the float32 reference.
+
+The kernels engineer's Triton backends live in ``lrq_ao.kernels.backends`` (imported at the first eager selection
+or construction, never at ``import lrq_ao``) and call ``register_linear_backend`` there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lrq_ao.layouts.activation import KernelChoice, activation_refusal, emulated_linear, quantize_activation
+from lrq_ao.layouts.base import QuantizedWeightTensor
+from lrq_ao.primitives import FP8_DTYPE
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_MODULES = ("lrq_ao.kernels.backends",)
+
+
+@dataclass(frozen=True)
+class LinearBackend:
+    """One way to run ``y = x @ W.T + bias`` for a quantized ``W``.
+
+    supports(x, weight, bias) -> None if usable, else the reason it refuses.
+    run(x, weight, bias) -> the output, shape ``(*x.shape[:-1], N)`` in ``x.dtype``.
+    """
+
+    name: str
+    kernel: KernelChoice
+    supports: Callable[[torch.Tensor, QuantizedWeightTensor, torch.Tensor | None], str | None]
+    run: Callable[[torch.Tensor, QuantizedWeightTensor, torch.Tensor | None], torch.Tensor]
+
+
+_BACKENDS: list[tuple[int, LinearBackend]] = []
+_plugins_loaded = False
+
+
+def register_linear_backend(backend: LinearBackend, priority: int) -> None:
+    """Add (or replace, by name) a backend; a higher ``priority`` wins under ``KernelChoice.AUTO``."""
+    _BACKENDS[:] = [(p, b) for p, b in _BACKENDS if b.name != backend.name]
+    _BACKENDS.append((priority, backend))
+    _BACKENDS.sort(key=lambda pb: -pb[0])
+
+
+def registered_backends() -> list[LinearBackend]:
+    """Backends in priority order (highest first)."""
+    return [b for _, b in _BACKENDS]
+
+
+def ensure_plugin_backends() -> None:
+    """Import the optional backend modules once, outside compiled code (an import cannot be traced)."""
+    global _plugins_loaded
+    if _plugins_loaded or torch.compiler.is_compiling():
+        return
+    _plugins_loaded = True
+    for module in PLUGIN_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+
+
+def select_linear_backend(
+    x: torch.Tensor, weight: QuantizedWeightTensor, bias: torch.Tensor | None = None
+) -> tuple[LinearBackend, list[tuple[str, str]]]:
+    """The backend that will run ``F.linear(x, weight, bias)`` and the ``(name, reason)`` of each refusal.
+
+    Raises ``RuntimeError`` listing the refusals if no backend allowed by ``weight.kernel`` can run it.
+    """
+    ensure_plugin_backends()
+    _check_linear_shapes(x, weight, bias)
+    wanted = weight.kernel
+    refusals: list[tuple[str, str]] = []
+    for backend in registered_backends():
+        if wanted is not KernelChoice.AUTO and backend.kernel is not wanted:
+            continue
+        reason = backend.supports(x, weight, bias)
+        if reason is None:
+            return backend, refusals
+        refusals.append((backend.name, reason))
+    detail = "; ".join(f"{name}: {reason}" for name, reason in refusals) or "no backend of that kind is registered"
+    raise RuntimeError(
+        f"no linear backend of kind {wanted.value!r} can run a {type(weight).__name__} ({weight.layout_name}, "
+        f"act={weight.act}) on {x.device} with {x.dtype} input: {detail}. Set kernel='auto' to fall back to the "
+        f"best usable backend"
+    )
+
+
+def describe_selection(x: torch.Tensor, weight: QuantizedWeightTensor, bias: torch.Tensor | None = None) -> str:
+    backend, refusals = select_linear_backend(x, weight, bias)
+    lines = [f"{type(weight).__name__} {weight.layout_name} act={weight.act} kernel={weight.kernel}: {backend.name}"]
+    lines += [f"  {name} refused: {reason}" for name, reason in refusals]
+    return "\n".join(lines)
+
+
+def quantized_linear(x: torch.Tensor, weight: QuantizedWeightTensor, bias: torch.Tensor | None = None):
+    backend, _ = select_linear_backend(x, weight, bias)
+    if not torch.compiler.is_compiling():
+        logger.debug("lrq_ao linear %s -> %s", tuple(weight.shape), backend.name)
+    return backend.run(x, weight, bias)
+
+
+def _check_linear_shapes(x: torch.Tensor, weight: QuantizedWeightTensor, bias: torch.Tensor | None) -> None:
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"linear: input has {x.shape[-1]} features but the quantized weight expects {k}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"linear: bias must have shape ({n},), got {tuple(bias.shape)}")
+
+
+# ---- built-in backends ---------------------------------------------------------------------------------------
+
+
+def _weight_only_refusal(x, weight, bias):
+    if weight.act.is_dynamic:
+        return "the weight asks for dynamic activation quantization"
+    if not x.is_floating_point():
+        return f"activations of dtype {x.dtype} are not floating point"
+    return None
+
+
+def _run_weight_only(x, weight, bias):
+    return F.linear(x, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _emulated_refusal(x, weight, bias):
+    if not x.is_floating_point():
+        return f"activations of dtype {x.dtype} are not floating point"
+    return activation_refusal(weight.shape[1], weight.act)
+
+
+def _run_emulated(x, weight, bias):
+    return emulated_linear(x, weight.qdata, weight.scale, weight.block_size, weight.act, bias)
+
+
+def _cuda_capability_refusal(x: torch.Tensor, minimum: tuple[int, int], what: str) -> str | None:
+    if x.device.type != "cuda":
+        return f"{what} needs a CUDA device, input is on {x.device}"
+    capability = torch.cuda.get_device_capability(x.device)
+    if capability < minimum:
+        return f"{what} needs SM >= {minimum[0]}.{minimum[1]}, device is SM {capability[0]}.{capability[1]}"
+    return None
+
+
+def _one_scale_along_k(weight: QuantizedWeightTensor) -> bool:
+    return weight.block_size[1] == weight.shape[1]
+
+
+def _scaled_mm_refusal(x, weight, bias):
+    if weight.qdtype != FP8_DTYPE or not weight.act.is_dynamic:
+        return "only for FP8 weights with dynamic activation quantization"
+    if weight.act.granularity not in ("tensor", "row") or not _one_scale_along_k(weight):
+        return "torch._scaled_mm here takes per-tensor or per-row scales, not block-wise ones"
+    n, k = weight.shape
+    if k % 16 or n % 16:
+        return f"torch._scaled_mm needs K and N multiples of 16, got K={k}, N={n}"
+    rowwise = weight.act.granularity == "row" or weight.block_size[0] == 1
+    if rowwise and x.dtype != torch.bfloat16:
+        return f"row-wise torch._scaled_mm produces bfloat16 only, input is {x.dtype}"
+    return _cuda_capability_refusal(x, (8, 9), "torch._scaled_mm")
+
+
+def _run_scaled_mm(x, weight, bias):
+    n, k = weight.shape
+    x2d = x.reshape(-1, k)
+    xq, x_scale = quantize_activation(x2d, FP8_DTYPE, weight.act)
+    w_scale = weight.scale.reshape(1, -1)
+    if weight.act.granularity == "row" or weight.block_size[0] == 1:
+        x_scale = x_scale.expand(x2d.shape[0], 1).contiguous()
+        w_scale = w_scale.expand(1, n).contiguous()
+    y = torch._scaled_mm(xq, weight.qdata.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# torch._int_mm on CUDA requires M > 16. Padding 16 zero rows unconditionally meets that without a branch on M.
+_INT_MM_ROW_PAD = 16
+
+
+def _int_mm_refusal(x, weight, bias):
+    if weight.qdtype != torch.int8 or not weight.act.is_dynamic:
+        return "only for INT8 weights with dynamic activation quantization"
+    if weight.act.granularity != "row" or not _one_scale_along_k(weight):
+        return "torch._int_mm here needs per-token activations and a per-row or per-tensor weight"
+    n, k = weight.shape
+    if k % 8 or n % 8:
+        return f"torch._int_mm needs K and N multiples of 8, got K={k}, N={n}"
+    if not x.is_floating_point():
+        return f"activations of dtype {x.dtype} are not floating point"
+    return _cuda_capability_refusal(x, (7, 5), "torch._int_mm")
+
+
+def _run_int_mm(x, weight, bias):
+    n, k = weight.shape
+    x2d = x.reshape(-1, k)
+    m = x2d.shape[0]
+    xq, x_scale = quantize_activation(x2d, torch.int8, weight.act)
+    xq = F.pad(xq, (0, 0, 0, _INT_MM_ROW_PAD))
+    acc = torch._int_mm(xq, weight.qdata.contiguous().t())[:m]
+    y = (acc.float() * x_scale * weight.scale.reshape(1, -1)).to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+register_linear_backend(LinearBackend("torch_scaled_mm", KernelChoice.TORCH, _scaled_mm_refusal, _run_scaled_mm), 110)
+register_linear_backend(LinearBackend("torch_int_mm", KernelChoice.TORCH, _int_mm_refusal, _run_int_mm), 110)
+register_linear_backend(
+    LinearBackend("torch_weight_only", KernelChoice.TORCH, _weight_only_refusal, _run_weight_only), 100
+)
+register_linear_backend(LinearBackend("emulated", KernelChoice.EMULATED, _emulated_refusal, _run_emulated), 0)
+
+
+# ---- op handlers: every matmul spelling with a quantized operand ends in quantized_linear ---------------------
+
+aten = torch.ops.aten
+implements = QuantizedWeightTensor.implements
+implements_torch_function = QuantizedWeightTensor.implements_torch_function
+
+
+@implements_torch_function([F.linear])
+@implements([aten.linear.default])
+def _linear(func, types, args, kwargs):
+    x, weight = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if isinstance(x, QuantizedWeightTensor) or not isinstance(weight, QuantizedWeightTensor):
+        raise NotImplementedError(
+            f"{func}: a quantized tensor is only supported as the weight (second argument) of a linear"
+        )
+    return quantized_linear(x, weight, bias)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, what: str) -> torch.Tensor:
+    """``a @ b`` where one side is a quantized 2-D tensor, expressed as a linear."""
+    if isinstance(b, QuantizedWeightTensor) and not isinstance(a, QuantizedWeightTensor):
+        return quantized_linear(a, b.t())  # a @ b == linear(a, b.T)
+    if isinstance(a, QuantizedWeightTensor) and not isinstance(b, QuantizedWeightTensor) and b.dim() == 2:
+        return quantized_linear(b.t(), a).t()  # a @ b == (b.T @ a.T).T == linear(b.T, a).T
+    raise NotImplementedError(
+        f"{what} with operands {type(a).__name__}{tuple(a.shape)} and {type(b).__name__}{tuple(b.shape)}: "
+        f"lrq_ao supports one quantized 2-D operand (the weight) and one plain operand"
+    )
+
+
+@implements_torch_function([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__])
+@implements([aten.mm.default, aten.matmul.default])
+def _mm(func, types, args, kwargs):
+    return _matmul(args[0], args[1], str(func))
+
+
+@implements([aten.addmm.default])
+def _addmm(func, types, args, kwargs):
+    bias, a, b = args[0], args[1], args[2]
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if beta != 1 or alpha != 1 or isinstance(bias, QuantizedWeightTensor):
+        raise NotImplementedError(f"{func} with beta={beta}, alpha={alpha}: only bias + a @ b is supported")
+    return _matmul(a, b, str(func)) + bias

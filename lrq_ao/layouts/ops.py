@@ -1,0 +1,217 @@
+"""Op handlers shared by every quantized weight layout, registered on ``QuantizedWeightTensor``.
+
+Declared once here; ``Float8Tensor`` and ``Int8Tensor`` inherit them. Each handler keeps ``qdata``, ``scale`` and
+``block_size`` coherent: a transpose transposes the scale grid and the block size, a slice along the output
+dimension slices the scale grid (and must stay on block boundaries), a ``.to(dtype)`` changes the dtype the
+tensor dequantizes to. Anything not listed raises ``NotImplementedError`` naming the op and the layout
+(``QuantizedWeightTensor.__torch_dispatch__``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from lrq_ao.layouts.base import QuantizedWeightTensor, check_high_precision_dtype, unsupported_op_message
+
+aten = torch.ops.aten
+implements = QuantizedWeightTensor.implements
+implements_torch_function = QuantizedWeightTensor.implements_torch_function
+
+
+def _rebuild(t: QuantizedWeightTensor, qdata, scale, block_size, dtype=None) -> QuantizedWeightTensor:
+    return type(t)(qdata, scale, block_size, t.dtype if dtype is None else dtype, act=t.act, kernel=t.kernel)
+
+
+def transposed(t: QuantizedWeightTensor) -> QuantizedWeightTensor:
+    """``t.T``: data, scale grid and block size all transpose (a per-row layout becomes per-column)."""
+    bn, bk = t.block_size
+    return _rebuild(t, t.qdata.t(), t.scale.t(), (bk, bn))
+
+
+# ---- transpose ---------------------------------------------------------------------------------------------
+
+
+@implements([aten.t.default])
+def _t(func, types, args, kwargs):
+    return return_and_correct_aliasing(func, args, kwargs, transposed(args[0]))
+
+
+@implements([aten.transpose.int])
+def _transpose(func, types, args, kwargs):
+    t, dim0, dim1 = args[0], args[1], args[2]
+    if {dim0 % 2, dim1 % 2} == {0}:
+        return return_and_correct_aliasing(func, args, kwargs, t._apply_fn_to_data(lambda x: x))
+    return return_and_correct_aliasing(func, args, kwargs, transposed(t))
+
+
+@implements([aten.permute.default])
+def _permute(func, types, args, kwargs):
+    t, dims = args[0], [d % 2 for d in args[1]]
+    if dims == [0, 1]:
+        return return_and_correct_aliasing(func, args, kwargs, t._apply_fn_to_data(lambda x: x))
+    return return_and_correct_aliasing(func, args, kwargs, transposed(t))
+
+
+# ---- view / reshape: only the identity is meaningful for a blocked 2-D layout -------------------------------
+
+
+@implements([aten.view.default, aten._unsafe_view.default, aten.reshape.default])
+def _view(func, types, args, kwargs):
+    t, size = args[0], list(args[1])
+    if -1 in size:
+        known = 1
+        for s in size:
+            if s != -1:
+                known *= s
+        size[size.index(-1)] = t.numel() // max(known, 1)
+    if tuple(size) != tuple(t.shape):
+        raise NotImplementedError(
+            f"{func} to shape {tuple(args[1])}: {unsupported_op_message(func, args, kwargs)} (only a view to the "
+            f"same 2-D shape keeps the scale grid meaningful)"
+        )
+    return return_and_correct_aliasing(func, args, kwargs, t._apply_fn_to_data(lambda x: x.view(x.shape)))
+
+
+# ---- selecting rows (as weight loaders and tensor-parallel splits do) ---------------------------------------
+
+
+def _rows_scale(t: QuantizedWeightTensor, start: int, end: int, op: str) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Scale grid and block size for rows ``[start, end)`` of ``t``."""
+    n = t.shape[0]
+    bn, bk = t.block_size
+    if end <= start:
+        raise ValueError(f"{op} of {type(t).__name__}: an empty row range [{start}, {end}) has no quantized layout")
+    if bn == n:  # one scale row covers every output row (per-tensor, or a single block row)
+        return t.scale, (end - start, bk)
+    if start % bn or (end % bn and end != n):
+        raise ValueError(
+            f"{op} rows [{start}, {end}) of a {type(t).__name__} with layout {t.layout_name}: block-wise scales can "
+            f"only be split on multiples of {bn} rows; choose block-aligned boundaries"
+        )
+    return t.scale[start // bn : -(-end // bn)], t.block_size
+
+
+@implements([aten.slice.Tensor])
+def _slice(func, types, args, kwargs):
+    t = args[0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    start = args[2] if len(args) > 2 else kwargs.get("start")
+    end = args[3] if len(args) > 3 else kwargs.get("end")
+    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+    n = t.shape[0]
+    if dim % 2 != 0:
+        raise NotImplementedError(
+            f"{func} along the input dimension: {unsupported_op_message(func, args, kwargs)}; only slicing the "
+            f"output dimension (dim 0) is supported"
+        )
+    if step != 1:
+        raise NotImplementedError(f"{func} with step {step}: {unsupported_op_message(func, args, kwargs)}")
+    start, end = _normalize_range(start, end, n)
+    if (start, end) == (0, n):
+        return return_and_correct_aliasing(func, args, kwargs, t._apply_fn_to_data(lambda x: x))
+    scale, block_size = _rows_scale(t, start, end, "slice")
+    return _rebuild(t, t.qdata[start:end], scale, block_size)
+
+
+def _normalize_range(start, end, n: int) -> tuple[int, int]:
+    start = 0 if start is None else start
+    end = n if end is None else end
+    start = start + n if start < 0 else start
+    end = end + n if end < 0 else end
+    return max(0, min(start, n)), max(0, min(end, n))
+
+
+@implements([aten.index_select.default])
+def _index_select(func, types, args, kwargs):
+    t, dim, index = args[0], args[1], args[2]
+    if dim % 2 != 0:
+        raise NotImplementedError(
+            f"{func} along the input dimension: {unsupported_op_message(func, args, kwargs)}; only the output "
+            f"dimension (dim 0) is supported"
+        )
+    n = t.shape[0]
+    bn, bk = t.block_size
+    rows = t.qdata.index_select(0, index)
+    if bn == 1:
+        return _rebuild(t, rows, t.scale.index_select(0, index), t.block_size)
+    if bn == n:
+        return _rebuild(t, rows, t.scale, (index.numel(), bk))
+    blocks = index.reshape(-1, bn) if index.numel() % bn == 0 else None
+    offsets = torch.arange(bn, device=index.device)
+    if blocks is None or bool((blocks[:, 0] % bn != 0).any()) or not torch.equal(blocks, blocks[:, :1] + offsets):
+        raise ValueError(
+            f"index_select on a {type(t).__name__} with layout {t.layout_name}: the index must pick whole blocks "
+            f"of {bn} consecutive, block-aligned rows"
+        )
+    return _rebuild(t, rows, t.scale.index_select(0, blocks[:, 0] // bn), t.block_size)
+
+
+# ---- copies, device moves and dtype changes -----------------------------------------------------------------
+
+
+def _same_layout(a: QuantizedWeightTensor, b: QuantizedWeightTensor) -> bool:
+    return (
+        type(a) is type(b)
+        and a.shape == b.shape
+        and a.block_size == b.block_size
+        and a.scale.shape == b.scale.shape
+        and a.dtype == b.dtype
+    )
+
+
+@implements([aten.copy_.default])
+def _copy_(func, types, args, kwargs):
+    dst, src = args[0], args[1]
+    if isinstance(dst, QuantizedWeightTensor) and isinstance(src, QuantizedWeightTensor):
+        if not _same_layout(dst, src):
+            raise ValueError(
+                f"copy_ into a {type(dst).__name__} ({dst.layout_name}, {tuple(dst.shape)}, {dst.dtype}) from a "
+                f"{type(src).__name__} ({src.layout_name}, {tuple(src.shape)}, {src.dtype}): layouts differ; "
+                f"load with load_state_dict(..., assign=True) to replace the tensor instead"
+            )
+        dst.qdata.copy_(src.qdata)
+        dst.scale.copy_(src.scale)
+        dst.act, dst.kernel = src.act, src.kernel
+        return dst
+    if isinstance(src, QuantizedWeightTensor):  # plain destination: write the dequantized values
+        dst.copy_(src.dequantize(dst.dtype if dst.is_floating_point() else torch.float32))
+        return dst
+    raise ValueError(
+        f"copy_ of a plain {src.dtype} tensor into a {type(dst).__name__}: lrq_ao does not requantize silently; "
+        f"build the quantized tensor with from_hp() or lrq_ao.quantize_(), or load with assign=True"
+    )
+
+
+def _moved(t: QuantizedWeightTensor, device, dtype, non_blocking: bool) -> QuantizedWeightTensor:
+    check_high_precision_dtype(dtype, f"{type(t).__name__}.to({dtype})")
+    qdata = t.qdata.to(device, non_blocking=non_blocking)
+    scale = t.scale.to(device, non_blocking=non_blocking)
+    return _rebuild(t, qdata, scale, t.block_size, dtype)
+
+
+@implements([aten._to_copy.default])
+def _to_copy(func, types, args, kwargs):
+    t = args[0]
+    to = t._get_to_kwargs(*args[1:], **kwargs)
+    return _moved(t, to["device"], to["dtype"], to["non_blocking"])
+
+
+@implements([aten.to.dtype_layout, aten.to.device, aten.to.dtype])
+def _to(func, types, args, kwargs):
+    t = args[0]
+    to = t._get_to_kwargs(*args[1:], **kwargs)
+    if to["device"] == t.device and to["dtype"] == t.dtype:
+        return t
+    return _moved(t, to["device"], to["dtype"], to["non_blocking"])
+
+
+@implements([aten._pin_memory.default])
+def _pin_memory(func, types, args, kwargs):
+    return args[0]._apply_fn_to_data(lambda x: x.pin_memory())
+
+
+@implements([aten.is_pinned.default])
+def _is_pinned(func, types, args, kwargs):
+    t = args[0]
+    return t.qdata.is_pinned() and t.scale.is_pinned()
