@@ -1,0 +1,381 @@
+"""``lrq-convert``: convert a high-precision safetensors checkpoint to a ComfyUI FP8/INT8 checkpoint.
+
+Every quantization default comes from ``LearnedRoundingConfig`` (see ``rounding_config_from_args``), so the CLI and
+the Python API can never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from lrq_ao.config import OBJECTIVES, OPTIMIZERS, SCHEDULES, LearnedRoundingConfig
+from lrq_ao.convert import comfy_format as cf
+from lrq_ao.convert.plan import (
+    FORMAT_ALIASES,
+    ConvertOptions,
+    build_plan,
+    custom_format_warning,
+    describe_plan,
+    load_layer_config,
+)
+from lrq_ao.convert.presets import PRESET_ALIASES, PRESETS
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LearnedRoundingConfig)}
+
+DESCRIPTION = """\
+Convert a safetensors checkpoint (a diffusion transformer or a text encoder) into a ComfyUI quantized checkpoint:
+every eligible linear weight becomes FP8 (e4m3fn) or INT8 with its scale and a .comfy_quant marker; norms,
+biases, embeddings, 1-D and conv tensors stay as they are. Weights are rounded with learned rounding (default) or
+round-to-nearest (--simple). The file is read and written layer by layer, so host memory stays near a few of the
+largest tensors, and an interrupted run can continue with --resume.
+
+Formats (--format, or --int8 / --scaling_mode):
+  float8_e4m3fn            FP8, one scale per tensor        loads in stock ComfyUI   (default)
+  int8_tensorwise          INT8, one scale per row          loads in stock ComfyUI   (--int8)
+  int8_tensorwise_tensor   INT8, one scale per tensor       loads in stock ComfyUI   (--int8 --scaling_mode tensor)
+  float8_e4m3fn_rowwise    FP8, one scale per row           ComfyUI-QuantOps node only (--scaling_mode row)
+  float8_e4m3fn_blockwise  FP8, block x block scales        ComfyUI-QuantOps node only (--scaling_mode block)
+  int8_blockwise           INT8, block x block scales       ComfyUI-QuantOps node only (--int8 --scaling_mode block)
+A layer a block format cannot tile falls back to the row-wise format of the same dtype; the report and the file's
+metadata name every fallback.
+"""
+
+EPILOG = """\
+examples:
+  lrq-convert -i flux1-dev.safetensors --simple                      # FP8, auto-detected preset
+  lrq-convert -i t5xxl_fp16.safetensors --t5xxl --int8 -o t5xxl_int8.safetensors
+  lrq-convert -i model.safetensors --dry-run                         # show the plan, write nothing
+  lrq-convert -i model.safetensors --resume --verify --report r.json --plot sqnr.png
+
+presets (auto-detected from key names when no flag is given; a flag overrides):
+""" + "\n".join(f"  --{name:<20} {p.help}" for name, p in PRESETS.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lrq-convert",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument(
+        "-i",
+        "--input",
+        required=True,
+        help="a .safetensors file, a *.safetensors.index.json, or a "
+        "folder holding one index (sharded checkpoint); opened read-only",
+    )
+    io.add_argument(
+        "-o", "--output", help="output .safetensors path (default: <input>_<format>.safetensors beside the input)"
+    )
+    io.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    io.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from <output>.partial; the "
+        "result is byte-identical to an uninterrupted run (same input and flags required)",
+    )
+    io.add_argument(
+        "--dry-run",
+        "--dry_run",
+        action="store_true",
+        dest="dry_run",
+        help="print the plan (each tensor, its format or why it stays high-precision, estimated size) "
+        "and write nothing",
+    )
+    io.add_argument(
+        "--verify",
+        action="store_true",
+        help="after writing, reload the output with lrq_ao's ComfyUI "
+        "reader and check every layer against the input; exit 3 if anything differs",
+    )
+    io.add_argument(
+        "--report", metavar="PATH", help="write the validation report (per-layer SQNR, objective, time; totals) as JSON"
+    )
+    io.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of per-layer SQNR (needs matplotlib)")
+    io.add_argument("--quiet", action="store_true", help="no progress bars or tables; errors still print")
+    io.add_argument(
+        "--comfy_quant",
+        "--comfy-quant",
+        action="store_true",
+        dest="comfy_quant",
+        help="accepted for compatibility; the output always carries .comfy_quant markers",
+    )
+    io.add_argument(
+        "--no-metadata",
+        action="store_true",
+        dest="no_metadata",
+        help="do not write the optional _quantization_metadata file header",
+    )
+
+    fmt = p.add_argument_group("format")
+    fmt.add_argument(
+        "--format",
+        choices=list(FORMAT_ALIASES),
+        metavar="NAME",
+        help="explicit output format (overrides --int8/--scaling_mode); see the table above",
+    )
+    fmt.add_argument(
+        "--int8",
+        action="store_true",
+        help="INT8 instead of FP8 (alone: per-row int8_tensorwise, which stock ComfyUI loads)",
+    )
+    fmt.add_argument(
+        "--scaling_mode",
+        "--scaling-mode",
+        choices=("tensor", "row", "block"),
+        dest="scaling_mode",
+        help="scale granularity (default: tensor for FP8, row for INT8)",
+    )
+    fmt.add_argument(
+        "--block_size",
+        "--block-size",
+        "--group_size",
+        type=int,
+        default=_DEFAULTS["block_size"],
+        dest="block_size",
+        choices=(32, 64, 128, 256),
+        help="block edge for block-wise formats",
+    )
+    fmt.add_argument(
+        "--full_precision_mm",
+        "--full-precision-mm",
+        action="store_true",
+        dest="full_precision_mm",
+        help="mark layers full_precision_matrix_mult (ComfyUI dequantizes instead of FP8 matmul)",
+    )
+
+    layers = p.add_argument_group("which layers")
+    for name in PRESETS:
+        layers.add_argument(f"--{name}", action="store_const", const=name, dest="preset", help=argparse.SUPPRESS)
+    for alias, target in PRESET_ALIASES.items():
+        layers.add_argument(f"--{alias}", action="store_const", const=target, dest="preset", help=argparse.SUPPRESS)
+    layers.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        dest="preset",
+        help="model-family preset (or a flag like --t5xxl, --flux2, --wan; listed below)",
+    )
+    layers.add_argument(
+        "--exclude-layers",
+        "--exclude_layers",
+        metavar="REGEX",
+        dest="exclude_layers",
+        help="keep layers whose module path matches REGEX (re.search) in high precision",
+    )
+    layers.add_argument(
+        "--custom-layers",
+        "--custom_layers",
+        metavar="REGEX",
+        dest="custom_layers",
+        help="layers matching REGEX get --custom-format; this wins over presets and exclusions "
+        "(but never over shape rules: 1-D and conv tensors are never quantized)",
+    )
+    layers.add_argument(
+        "--custom-format",
+        "--custom-type",
+        "--custom_type",
+        choices=list(FORMAT_ALIASES),
+        metavar="NAME",
+        dest="custom_format",
+        help="format for --custom-layers",
+    )
+    layers.add_argument(
+        "--layer-config",
+        "--layer_config",
+        metavar="JSON",
+        dest="layer_config",
+        help='per-layer rules: {"regex": {"format": "int8_blockwise", "block_size": 64}, '
+        '"regex2": {"skip": true}, "_default": {...}}; the longest matching regex wins',
+    )
+    layers.add_argument(
+        "--skip-bad-layers",
+        action="store_true",
+        dest="skip_bad_layers",
+        help="keep weights holding NaN/Inf in high precision and report them, instead of failing "
+        "(costs one extra read of the weights)",
+    )
+
+    rnd = p.add_argument_group("rounding (defaults are LearnedRoundingConfig's)")
+    rnd.add_argument("--simple", action="store_true", help="round-to-nearest (fast; no optimization)")
+    rnd.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=_DEFAULTS["objective"],
+        help="learned-rounding objective (auto: output error with --calib, else SVD subspace)",
+    )
+    rnd.add_argument("--optimizer", choices=OPTIMIZERS, default=_DEFAULTS["optimizer"])
+    rnd.add_argument(
+        "--num_iter",
+        "--num-iter",
+        type=int,
+        default=_DEFAULTS["num_iter"],
+        dest="num_iter",
+        help="optimization steps per layer",
+    )
+    rnd.add_argument("--lr", type=float, default=_DEFAULTS["lr"])
+    rnd.add_argument(
+        "--lr_schedule", "--lr-schedule", choices=SCHEDULES, default=_DEFAULTS["lr_schedule"], dest="lr_schedule"
+    )
+    rnd.add_argument(
+        "--top_p",
+        "--top-p",
+        type=float,
+        default=_DEFAULTS["top_p"],
+        dest="top_p",
+        help="fraction of singular directions the SVD objective keeps",
+    )
+    rnd.add_argument("--min_k", "--min-k", type=int, default=_DEFAULTS["min_k"], dest="min_k")
+    rnd.add_argument("--max_k", "--max-k", type=int, default=_DEFAULTS["max_k"], dest="max_k")
+    rnd.add_argument(
+        "--calib",
+        metavar="FILE",
+        help="activation statistics saved by lrq_ao.calibrate (enables the output-error objective)",
+    )
+    rnd.add_argument(
+        "--calib_samples",
+        "--calib-samples",
+        type=int,
+        default=None,
+        dest="calib_samples",
+        help="accepted for convert_to_quant compatibility (there: random samples for bias "
+        "correction); lrq_ao uses real statistics from --calib instead and ignores this number",
+    )
+    rnd.add_argument(
+        "--manual_seed",
+        "--manual-seed",
+        type=int,
+        default=_DEFAULTS["seed"],
+        dest="manual_seed",
+        help="seed for learned rounding; each layer derives its own from it (-1 means 0: runs stay "
+        "reproducible so --resume works)",
+    )
+    rnd.add_argument("--device", default="cpu", help="where weights are quantized: cpu, cuda, cuda:1, ...")
+    return p
+
+
+def resolve_format(args: argparse.Namespace) -> str:
+    """The ``--format`` name the flags ask for."""
+    if args.format:
+        return args.format
+    mode = args.scaling_mode or ("row" if args.int8 else "tensor")
+    if args.int8:
+        return {"tensor": "int8_tensorwise_tensor", "row": "int8_tensorwise", "block": "int8_blockwise"}[mode]
+    return {"tensor": "float8_e4m3fn", "row": "float8_e4m3fn_rowwise", "block": "float8_e4m3fn_blockwise"}[mode]
+
+
+def rounding_config_from_args(args: argparse.Namespace) -> LearnedRoundingConfig:
+    """The one place CLI flags become a ``LearnedRoundingConfig`` (format is set per layer by the plan)."""
+    return LearnedRoundingConfig(
+        objective="rtn" if args.simple else args.objective,
+        optimizer=args.optimizer,
+        num_iter=args.num_iter,
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        top_p=args.top_p,
+        min_k=args.min_k,
+        max_k=args.max_k,
+        seed=max(args.manual_seed, 0),
+        block_size=args.block_size,
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> ConvertOptions:
+    return ConvertOptions(
+        format=resolve_format(args),
+        block_size=args.block_size,
+        preset=args.preset,
+        exclude_layers=args.exclude_layers,
+        custom_layers=args.custom_layers,
+        custom_format=args.custom_format,
+        layer_rules=load_layer_config(args.layer_config) if args.layer_config else (),
+        skip_bad_layers=args.skip_bad_layers,
+        metadata_header=not args.no_metadata,
+        full_precision_matrix_mult=args.full_precision_mm,
+        rounding=rounding_config_from_args(args),
+    )
+
+
+def default_output(input_path: str, fmt: str) -> Path:
+    src = Path(input_path)
+    if src.is_dir():
+        return src.parent / f"{src.name}_{fmt}.safetensors"
+    stem = src.name.removesuffix(".index.json").removesuffix(".safetensors")
+    return src.with_name(f"{stem}_{fmt}.safetensors")
+
+
+def _load_calibration(path: str | None):
+    if path is None:
+        return None
+    from lrq_ao.rounding.calibration import Calibration
+
+    return Calibration.load(path)
+
+
+def _say(quiet: bool, *msg: str) -> None:
+    if not quiet:
+        print(*msg, file=sys.stderr)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and convert. Returns the exit code (0 ok, 1 error, 3 --verify found problems)."""
+    from lrq_ao.convert.engine import RunOptions, check_output_target, convert
+    from lrq_ao.convert.stream import read_source
+
+    args = build_parser().parse_args(argv)
+    options = options_from_args(args)
+    source = read_source(args.input)
+    plan = build_plan(source, options)
+    output = Path(args.output) if args.output else default_output(args.input, options.format)
+    if not args.dry_run:
+        _say(args.quiet, f"preset: {plan.preset.name} ({plan.preset_reason})")
+    custom = sorted({t.format for t in plan.quantized if not cf.COMFY_FORMATS[t.format].stock})
+    if custom:
+        print(custom_format_warning(custom), file=sys.stderr)
+    if args.dry_run:
+        print(describe_plan(plan))
+        print(f"output would be: {output}")
+        return 0
+    check_output_target(output, overwrite=args.overwrite, resume=args.resume)
+    run_opts = RunOptions(args.device, args.resume, args.overwrite, args.quiet, _load_calibration(args.calib))
+    report = convert(plan, output, run_opts)
+    code = 0
+    if args.verify:
+        from lrq_ao.convert.verify import verify_output
+
+        report.verify = verify_output(plan, report)
+        if not report.verify["ok"]:
+            print("verify FAILED:\n  " + "\n  ".join(report.verify["problems"]), file=sys.stderr)
+            code = 3
+        else:
+            _say(
+                args.quiet,
+                f"verify ok: {report.verify['layers_checked']} layers, "
+                f"{report.verify['tensors_checked']} kept tensors match the input",
+            )
+    if not args.quiet:
+        print(report.table(max_rows=60))
+        print(f"wrote {output}")
+    if args.report:
+        report.write_json(args.report)
+    if args.plot:
+        report.plot(args.plot)
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: clear one-line errors instead of tracebacks for bad input."""
+    try:
+        code = run(argv)
+    except KeyboardInterrupt:
+        print("lrq-convert: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
+        code = 130
+    except (ValueError, OSError, RuntimeError, json.JSONDecodeError) as e:
+        print(f"lrq-convert: error: {e}", file=sys.stderr)
+        code = 1
+    sys.exit(code)

@@ -1,0 +1,281 @@
+"""Running a conversion plan: quantize layer by layer, stream the output, journal progress for ``--resume``.
+
+``quantize_layer`` (one input weight -> its ComfyUI tensors and report record) is the separable step a distributed
+run will hand out; ``convert`` drives it over a whole plan with bounded host memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lrq_ao.config import LearnedRoundingConfig
+from lrq_ao.convert import comfy_format as cf
+from lrq_ao.convert.plan import ConversionPlan, TensorPlan
+from lrq_ao.convert.report import ConversionReport, LayerRecord
+from lrq_ao.convert.resume import Journal, journal_path
+from lrq_ao.convert.stream import StreamingWriter, TensorInfo, partial_path, read_tensor
+
+# Test-only hook: SIGKILL this process after N journal entries (used to test --resume with a real killed run).
+KILL_HOOK_ENV = "LRQ_CONVERT_TEST_KILL_AFTER"
+SQNR_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class RunOptions:
+    """How to run a plan (none of this changes the output bytes)."""
+
+    device: str = "cpu"
+    resume: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    calibration: Any = None  # lrq_ao.rounding.calibration.Calibration, or None
+
+
+def layer_seed(seed: int, layer: str) -> int:
+    """A per-layer seed that does not depend on the order layers run in (so resumed runs match)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}|{layer}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def chunked_sqnr(w: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int]) -> float:
+    """``primitives.sqnr(w, dequantize(qdata, scale))`` in float64, over row chunks so memory stays bounded."""
+    n, k = w.shape
+    bn, bk = block_size
+    row_scale = scale.repeat_interleave(bn, dim=0)  # (N, K // bk): small for every layout
+    rows = max(1, SQNR_CHUNK_ELEMENTS // max(k, 1))
+    sig = err = 0.0
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        ref = w[r0:r1].double()
+        approx = qdata[r0:r1].double() * row_scale[r0:r1].repeat_interleave(bk, dim=1).double()
+        sig += float(ref.square().sum())
+        err += float((ref - approx).square().sum())
+    if err == 0:
+        return math.inf
+    return 10 * math.log10(sig / err) if sig > 0 else -math.inf
+
+
+def quantize_layer(
+    info: TensorInfo,
+    tp: TensorPlan,
+    config: LearnedRoundingConfig,
+    *,
+    device: str = "cpu",
+    stats: Any = None,
+    full_precision_matrix_mult: bool = False,
+) -> tuple[dict[str, torch.Tensor], LayerRecord]:
+    """Read one weight, quantize it on ``device`` as ``config`` says, and return its ComfyUI tensors and record.
+
+    Raises ``ValueError`` naming the tensor for NaN/Inf values (from ``quantize_weight``).
+    """
+    from lrq_ao.rounding import quantize_weight
+
+    t0 = time.perf_counter()
+    w = read_tensor(info).to(device)
+    torch.manual_seed(layer_seed(config.seed, tp.layer))
+    result = quantize_weight(w, config, name=info.name, stats=stats)
+    if getattr(result, "bias_delta", None) is not None:
+        raise ValueError(
+            f"{info.name}: the converter does not apply bias correction (it would change the bias tensors' layout); "
+            f"run without bias correction"
+        )
+    sqnr_db = chunked_sqnr(w, result.qdata, result.scale, result.block_size)
+    qdata, scale = result.qdata.cpu(), result.scale.cpu()
+    del w
+    tensors, _ = cf.layer_tensors(
+        tp.layer, qdata, scale, tp.spec, full_precision_matrix_mult=full_precision_matrix_mult
+    )
+    rep = dict(result.report or {})
+    record = LayerRecord(
+        layer=tp.layer,
+        format=tp.format,
+        shape=list(info.shape),
+        sqnr_db=sqnr_db,
+        objective_before=_float_or_none(rep.get("objective_before")),
+        objective_after=_float_or_none(rep.get("objective_after")),
+        seconds=time.perf_counter() - t0,
+        fallback=tp.fallback,
+        rounding={k: v for k, v in rep.items() if isinstance(v, (int, float, str, bool)) and k != "name"},
+    )
+    return tensors, record
+
+
+def _float_or_none(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def check_output_target(target: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse an existing output without ``--overwrite`` and an unwritable folder, before any work is done."""
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"output {target} already exists; pass --overwrite to replace it or choose another -o")
+    if target.is_dir():
+        raise IsADirectoryError(f"output {target} is a folder; give a .safetensors file path")
+    folder = target.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"output folder {folder} is not writable; choose another -o")
+
+
+def _kill_hook() -> int | None:
+    value = os.environ.get(KILL_HOOK_ENV)
+    return int(value) if value else None
+
+
+def _stats_for(calibration: Any, layer: str) -> Any:
+    if calibration is None:
+        return None
+    from lrq_ao.rounding import stats_for
+
+    return stats_for(calibration, layer, None)
+
+
+def _rss_reset_and_read() -> int:
+    """Reset the peak-RSS counter (Linux clear_refs) and return the current RSS in bytes (0 if unknown)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # without the reset the measured peak can only be higher (a conservative number)
+    return _proc_status_kb("VmRSS") * 1024
+
+
+def _proc_status_kb(key: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return 0
+    return 0
+
+
+class _Progress:
+    def __init__(self, plan: ConversionPlan, quiet: bool):
+        self.bars = []
+        if quiet:
+            return
+        from tqdm import tqdm
+
+        self.layers = tqdm(total=len(plan.tensors), desc="tensors", unit="t", position=0)
+        self.bytes = tqdm(total=plan.input_bytes, desc="read", unit="B", unit_scale=True, position=1)
+        self.bars = [self.layers, self.bytes]
+
+    def step(self, nbytes: int, name: str) -> None:
+        if self.bars:
+            self.layers.set_postfix_str(name[-40:], refresh=False)
+            self.layers.update(1)
+            self.bytes.update(nbytes)
+
+    def close(self) -> None:
+        for bar in self.bars:
+            bar.close()
+
+
+def convert(plan: ConversionPlan, target: str | Path, run: RunOptions | None = None) -> ConversionReport:
+    """Write ``plan``'s output to ``target`` (via ``<target>.partial`` and a rename). Returns the report.
+
+    On an exception the partial file and journal are deleted (no partial output is left behind); on Ctrl-C they are
+    kept so ``--resume`` can continue. Raises ``FileExistsError``/``PermissionError`` for an unusable target and
+    ``ValueError`` naming the tensor for bad weights.
+    """
+    run = run or RunOptions()
+    target = Path(target)
+    check_output_target(target, overwrite=run.overwrite, resume=run.resume)
+    t_start = time.perf_counter()
+    plan_hash = plan.plan_hash()
+    partial = partial_path(target)
+    jpath = journal_path(partial)
+    resuming = run.resume and partial.exists() and jpath.exists()
+    writer = StreamingWriter(target, plan.entries, plan.metadata, resume=resuming)
+    try:
+        journal = Journal.reopen(jpath, plan_hash) if resuming else Journal.start(jpath, plan_hash)
+    except Exception:
+        writer.abort(keep_partial=True)
+        raise
+    resumed = len(journal.done)
+    try:
+        records = _run_plan(plan, writer, journal, run)
+    except KeyboardInterrupt:
+        writer.abort(keep_partial=True)
+        journal.close(delete=False)
+        raise
+    except BaseException:
+        writer.abort(keep_partial=False)
+        journal.close(delete=True)
+        raise
+    peak = records.pop("__peak__")
+    writer.finish()
+    journal.close(delete=True)
+    return ConversionReport(
+        input=plan.source.files[0] if len(plan.source.files) == 1 else os.path.dirname(plan.source.files[0]),
+        output=str(target),
+        preset=plan.preset.name,
+        layers=[records[t.name] for t in plan.quantized],
+        kept={t.name: t.reason for t in plan.tensors if t.action == "keep"},
+        removed={t.name: t.reason for t in plan.tensors if t.action == "remove"},
+        input_bytes=plan.input_bytes,
+        output_bytes=target.stat().st_size,
+        seconds=time.perf_counter() - t_start,
+        resumed_layers=resumed,
+        peak_rss_bytes=peak,
+    )
+
+
+def _run_plan(plan: ConversionPlan, writer: StreamingWriter, journal: Journal, run: RunOptions) -> dict[str, Any]:
+    kill_after = _kill_hook()
+    progress = _Progress(plan, run.quiet)
+    records: dict[str, Any] = {}
+    base_rss = _rss_reset_and_read()
+    written = 0
+    try:
+        for tp in plan.tensors:
+            info = plan.source.tensors[tp.name]
+            if tp.name in journal.done:
+                if tp.action == "quantize":
+                    records[tp.name] = LayerRecord.from_json(journal.done[tp.name])
+                progress.step(info.nbytes, tp.name)
+                continue
+            record = _run_one(plan, tp, info, writer, run)
+            if record is not None:
+                records[tp.name] = record
+            journal.mark_done(tp.name, record.to_json() if record is not None else None)
+            progress.step(info.nbytes, tp.name)
+            written += 1
+            if kill_after is not None and written >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        progress.close()
+    peak = _proc_status_kb("VmHWM") * 1024
+    records["__peak__"] = peak - base_rss if peak and base_rss else None
+    return records
+
+
+def _run_one(
+    plan: ConversionPlan, tp: TensorPlan, info: TensorInfo, writer: StreamingWriter, run: RunOptions
+) -> LayerRecord | None:
+    if tp.action == "remove":
+        return None
+    if tp.action == "keep":
+        writer.copy_from(tp.name, info)
+        return None
+    tensors, record = quantize_layer(
+        info,
+        tp,
+        plan.layer_config(tp),
+        device=run.device,
+        stats=_stats_for(run.calibration, tp.layer),
+        full_precision_matrix_mult=plan.options.full_precision_matrix_mult,
+    )
+    for name, t in tensors.items():
+        writer.write(name, t)
+    return record

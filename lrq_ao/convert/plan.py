@@ -1,0 +1,395 @@
+"""The conversion plan: for every input tensor, whether it is quantized (to which ComfyUI format), kept as it is, or
+removed, and why; plus the exact output layout (every output tensor's dtype, shape and offset).
+
+Building a plan reads only headers (and, with ``skip_bad_layers``, scans candidate weights for NaN/Inf). The plan is
+deterministic for a given input and options, so its hash identifies a conversion for ``--resume`` and, later, lets
+several workers agree on who converts which layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lrq_ao.config import LearnedRoundingConfig
+from lrq_ao.convert import comfy_format as cf
+from lrq_ao.convert.presets import COMMON_KEEP, Preset, detect_preset, first_match, resolve_preset
+from lrq_ao.convert.stream import DTYPE_NAMES, OutputEntry, Source, TensorInfo, layout_entries, read_tensor
+from lrq_ao.primitives import FORMATS, FormatSpec
+
+PLAN_VERSION = 1
+MIN_QUANT_DIM = 16  # layers thinner than this gain nothing from 8-bit and some kernels refuse them
+
+# --format names: ComfyUI names plus short aliases. Each maps to (lrq_ao format name, granularity note).
+FORMAT_ALIASES = {
+    "float8_e4m3fn": "fp8",
+    "float8_e4m3fn_rowwise": "fp8_row",
+    "float8_e4m3fn_blockwise": "fp8_block",
+    "int8_tensorwise": "int8",
+    "int8_tensorwise_row": "int8",
+    "int8_tensorwise_tensor": "int8_tensor",
+    "int8_blockwise": "int8_block",
+    **{name: name for name in FORMATS},
+}
+# What a block layout that cannot tile a layer falls back to: always a format with the same element dtype.
+FALLBACK = {"block": "row", "row": "row", "tensor": "tensor"}
+
+
+def lrq_format_name(spec: FormatSpec) -> str:
+    """lrq_ao's format name (``LearnedRoundingConfig.format``) for ``spec``."""
+    for name, known in FORMATS.items():
+        if known.qdtype == spec.qdtype and known.granularity == spec.granularity:
+            return name
+    raise ValueError(f"no lrq_ao format for {spec}")
+
+
+def parse_format(name: str, block: int) -> FormatSpec:
+    """A ``--format`` value (ComfyUI name or lrq_ao short name) as a ``FormatSpec``; ``ValueError`` if unknown."""
+    if name not in FORMAT_ALIASES:
+        raise ValueError(f"unknown format {name!r}; choose one of {', '.join(FORMAT_ALIASES)}")
+    spec = FORMATS[FORMAT_ALIASES[name]]
+    return FormatSpec(spec.qdtype, spec.granularity, block)
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """One ``--layer-config`` entry: a regex searched in the layer name, and either ``skip`` or a format."""
+
+    pattern: str
+    skip: bool = False
+    format: str | None = None
+    block_size: int | None = None
+
+
+def load_layer_config(path: str | Path) -> tuple[LayerRule, ...]:
+    """Read a ``--layer-config`` JSON file: ``{"regex": {"format": "...", "block_size": 64} | {"skip": true}}``.
+
+    The most specific (longest) matching pattern wins; ``_default`` applies when none matches. Raises
+    ``ValueError`` naming the file and entry for bad JSON, bad regexes or unknown formats.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--layer-config {path}: cannot read JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"--layer-config {path}: must be a JSON object mapping regex -> settings")
+    rules = []
+    for pattern, settings in data.items():
+        where = f"--layer-config {path}: entry {pattern!r}"
+        if not isinstance(settings, dict):
+            raise ValueError(f'{where} must be an object like {{"format": "int8_tensorwise"}} or {{"skip": true}}')
+        if pattern != "_default":
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{where} is not a valid regex: {e}") from e
+        fmt = settings.get("format")
+        skip = bool(settings.get("skip", False))
+        if not skip and fmt not in FORMAT_ALIASES:
+            raise ValueError(f'{where} needs "skip": true or a format among {", ".join(FORMAT_ALIASES)}')
+        block = settings.get("block_size")
+        if block is not None and block not in (32, 64, 128, 256):
+            raise ValueError(f"{where}: block_size must be 32, 64, 128 or 256, got {block!r}")
+        rules.append(LayerRule(pattern, skip, fmt, block))
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything that decides the output bytes (the device and progress display do not)."""
+
+    format: str = "float8_e4m3fn"
+    block_size: int = 128
+    preset: str | None = None  # None: auto-detect from key names
+    exclude_layers: str | None = None
+    custom_layers: str | None = None
+    custom_format: str | None = None
+    layer_rules: tuple[LayerRule, ...] = ()
+    skip_bad_layers: bool = False
+    metadata_header: bool = True
+    full_precision_matrix_mult: bool = False
+    rounding: LearnedRoundingConfig = field(default_factory=lambda: LearnedRoundingConfig(objective="rtn"))
+
+    def __post_init__(self) -> None:
+        parse_format(self.format, self.block_size)
+        if self.custom_format is not None:
+            parse_format(self.custom_format, self.block_size)
+        if self.custom_layers is not None and self.custom_format is None:
+            raise ValueError("--custom-layers needs --custom-format (the format those layers get)")
+        for flag, pattern in (("--exclude-layers", self.exclude_layers), ("--custom-layers", self.custom_layers)):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"{flag} {pattern!r} is not a valid regular expression: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(replace(self, rounding=None))
+        d["rounding"] = self.rounding.to_dict()
+        return d
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What happens to one input tensor.
+
+    action: ``quantize``, ``keep`` or ``remove``. reason: why (for a quantized layer: which rule chose the format).
+    layer: the module path of a quantized weight. spec/format: the format written (after any fallback);
+    fallback: the requested format and why it could not be used, or None.
+    """
+
+    name: str
+    action: str
+    reason: str
+    layer: str | None = None
+    spec: FormatSpec | None = None
+    format: str | None = None
+    fallback: str | None = None
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        if self.action == "remove":
+            return ()
+        if self.action == "keep":
+            return (self.name,)
+        return (self.layer + cf.WEIGHT_SUFFIX, self.layer + cf.SCALE_SUFFIX, self.layer + cf.MARKER_SUFFIX)
+
+
+@dataclass
+class ConversionPlan:
+    source: Source
+    options: ConvertOptions
+    preset: Preset
+    preset_reason: str
+    tensors: list[TensorPlan]
+    entries: list[OutputEntry]
+    metadata: dict[str, str]
+    markers: dict[str, dict[str, Any]]
+
+    @property
+    def quantized(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.action == "quantize"]
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(i.nbytes for i in self.source.tensors.values())
+
+    @property
+    def output_bytes(self) -> int:
+        from lrq_ao.convert.stream import encode_header
+
+        return len(encode_header(self.entries, self.metadata)) + sum(e.nbytes for e in self.entries)
+
+    def layer_config(self, tp: TensorPlan) -> LearnedRoundingConfig:
+        """The rounding config for one quantized layer: the run's config with this layer's format."""
+        return replace(self.options.rounding, format=lrq_format_name(tp.spec), block_size=_config_block(tp.spec))
+
+    def plan_hash(self) -> str:
+        """Identifies the conversion: input files and header, every decision, the output layout and the config."""
+        h = hashlib.sha256()
+        h.update(f"plan v{PLAN_VERSION}|{self.source.fingerprint}|".encode())
+        h.update(json.dumps(self.options.to_dict(), sort_keys=True, default=str).encode())
+        for t in self.tensors:
+            h.update(f"|{t.name}:{t.action}:{t.format}:{t.spec}".encode())
+        for e in self.entries:
+            h.update(f"|{e.name}:{e.dtype}:{e.shape}:{e.offset}".encode())
+        h.update(json.dumps(self.metadata, sort_keys=True).encode())
+        return h.hexdigest()
+
+
+def _config_block(spec: FormatSpec) -> int:
+    # LearnedRoundingConfig validates block_size even for non-block formats; its default is always valid.
+    return spec.block if spec.granularity == "block" else LearnedRoundingConfig.block_size
+
+
+def _best_rule(layer: str, rules: tuple[LayerRule, ...]) -> LayerRule | None:
+    matches = [r for r in rules if r.pattern != "_default" and re.search(r.pattern, layer)]
+    if matches:
+        return max(matches, key=lambda r: len(r.pattern))
+    return next((r for r in rules if r.pattern == "_default"), None)
+
+
+def _shape_reason(info: TensorInfo) -> str | None:
+    if not info.name.endswith(cf.WEIGHT_SUFFIX):
+        return "not a .weight tensor (bias, buffer or parameter)"
+    if not info.is_float:
+        return f"dtype {info.dtype} is not a high-precision float"
+    if len(info.shape) != 2:
+        kind = "1-D" if len(info.shape) == 1 else f"{len(info.shape)}-D (conv or other non-linear)"
+        return f"{kind} tensor; only 2-D linear weights are quantized"
+    if min(info.shape) < MIN_QUANT_DIM:
+        return f"shape {list(info.shape)} is thinner than {MIN_QUANT_DIM}; too small to gain from 8-bit"
+    return None
+
+
+def decide(info: TensorInfo, options: ConvertOptions, preset: Preset, nonfinite: set[str]) -> TensorPlan:
+    """The plan for one tensor (see the module docstring for the order of the rules)."""
+    name = info.name
+    hit = first_match(name, preset.remove)
+    if hit:
+        return TensorPlan(name, "remove", f"preset {preset.name} removes {hit!r}")
+    reason = _shape_reason(info)
+    if reason:
+        return TensorPlan(name, "keep", reason)
+    layer = name[: -len(cf.WEIGHT_SUFFIX)]
+    if name in nonfinite:
+        return TensorPlan(name, "keep", "has NaN/Inf values (--skip-bad-layers)")
+    fmt, block, why = options.format, options.block_size, "default format"
+    if options.custom_layers and re.search(options.custom_layers, layer):
+        fmt, why = options.custom_format, f"matches --custom-layers {options.custom_layers!r}"
+    else:
+        rule = _best_rule(layer, options.layer_rules)
+        if rule is not None and rule.skip:
+            return TensorPlan(name, "keep", f"--layer-config {rule.pattern!r} says skip")
+        if rule is not None:
+            fmt, block = rule.format, rule.block_size or block
+            why = f"--layer-config {rule.pattern!r}"
+        elif options.exclude_layers and re.search(options.exclude_layers, layer):
+            return TensorPlan(name, "keep", f"matches --exclude-layers {options.exclude_layers!r}")
+        else:
+            hit = first_match(name, COMMON_KEEP) or first_match(name, preset.keep)
+            if hit:
+                return TensorPlan(name, "keep", f"preset {preset.name} keeps {hit!r} high-precision")
+    spec = parse_format(fmt, block)
+    return _with_fallback(TensorPlan(name, "quantize", why, layer=layer), spec, info.shape)
+
+
+def _with_fallback(tp: TensorPlan, spec: FormatSpec, shape: tuple[int, ...]) -> TensorPlan:
+    try:
+        spec.block_size_for(shape)
+        final, note = spec, None
+    except ValueError:
+        final = FormatSpec(spec.qdtype, FALLBACK[spec.granularity])
+        note = (
+            f"requested {cf.comfy_format_for(spec).name} block {spec.block} cannot tile shape {list(shape)}; "
+            f"wrote {cf.comfy_format_for(final).name} ({final.granularity}-wise) instead"
+        )
+    return replace(tp, spec=final, format=cf.comfy_format_for(final).name, fallback=note)
+
+
+def _marker(tp: TensorPlan, options: ConvertOptions) -> dict[str, Any]:
+    return cf.make_marker(tp.spec, full_precision_matrix_mult=options.full_precision_matrix_mult)
+
+
+def _outputs_for(tp: TensorPlan, info: TensorInfo, marker: dict[str, Any] | None) -> list[OutputEntry]:
+    if tp.action == "remove":
+        return []
+    if tp.action == "keep":
+        return [OutputEntry(info.name, info.dtype, info.shape)]
+    n, k = info.shape
+    bn, bk = tp.spec.block_size_for((n, k))
+    scale_shape = tuple(cf.scale_to_comfy(torch.empty(n // bn, k // bk), tp.spec, (n, k)).shape)
+    marker_len = len(cf.marker_json(marker).encode("utf-8"))
+    return [
+        OutputEntry(tp.layer + cf.WEIGHT_SUFFIX, DTYPE_NAMES[tp.spec.qdtype], (n, k)),
+        OutputEntry(tp.layer + cf.SCALE_SUFFIX, "F32", scale_shape),
+        OutputEntry(tp.layer + cf.MARKER_SUFFIX, "U8", (marker_len,)),
+    ]
+
+
+def check_not_quantized(source: Source) -> None:
+    """Refuse an input that is already a quantized ComfyUI checkpoint (re-quantizing would compound error)."""
+    marked = [n for n in source.tensors if n.endswith(cf.MARKER_SUFFIX)]
+    if marked or cf.METADATA_KEY in source.metadata or "scaled_fp8" in source.tensors:
+        example = marked[0] if marked else cf.METADATA_KEY
+        raise ValueError(
+            f"input {source.files[0]} is already a quantized ComfyUI checkpoint (has {example!r}); convert the "
+            f"original high-precision checkpoint instead"
+        )
+
+
+def scan_nonfinite(source: Source, candidates: list[str]) -> set[str]:
+    """Names among ``candidates`` holding NaN/Inf (reads each one; used only with ``--skip-bad-layers``)."""
+    bad = set()
+    for name in candidates:
+        t = read_tensor(source.tensors[name])
+        if not bool(torch.isfinite(t).all()):
+            bad.add(name)
+    return bad
+
+
+def build_plan(source: Source, options: ConvertOptions) -> ConversionPlan:
+    """Decide every tensor's fate and lay out the output file. Raises ``ValueError`` for unusable input."""
+    check_not_quantized(source)
+    shapes = {n: i.shape for n, i in source.tensors.items()}
+    if options.preset is None:
+        preset, preset_reason = detect_preset(shapes)
+        preset_reason = f"auto-detected: {preset_reason}"
+    else:
+        preset, preset_reason = resolve_preset(options.preset), "chosen by flag"
+    nonfinite: set[str] = set()
+    if options.skip_bad_layers:
+        first = [decide(i, options, preset, set()) for i in source.tensors.values()]
+        nonfinite = scan_nonfinite(source, [t.name for t in first if t.action == "quantize"])
+    tensors = [decide(info, options, preset, nonfinite) for info in source.tensors.values()]
+    if not any(i.is_float for i in source.tensors.values()):
+        raise ValueError(f"input {source.files[0]} holds no floating-point tensors; nothing to convert")
+    markers = {t.layer: _marker(t, options) for t in tensors if t.action == "quantize"}
+    entries: list[OutputEntry] = []
+    for tp in tensors:
+        entries += _outputs_for(tp, source.tensors[tp.name], markers.get(tp.layer))
+    entries, _ = layout_entries(entries)
+    return ConversionPlan(
+        source,
+        options,
+        preset,
+        preset_reason,
+        tensors,
+        entries,
+        _metadata(source, options, preset, tensors, markers),
+        markers,
+    )
+
+
+def _metadata(
+    source: Source, options: ConvertOptions, preset: Preset, tensors: list[TensorPlan], markers: dict[str, dict]
+) -> dict[str, str]:
+    meta = dict(source.metadata)
+    if options.metadata_header and markers:
+        meta[cf.METADATA_KEY] = cf.metadata_header(markers)
+    fallbacks = {t.layer: t.fallback for t in tensors if t.fallback}
+    meta["lrq_ao"] = json.dumps(
+        {"plan_version": PLAN_VERSION, "preset": preset.name, "options": options.to_dict(), "fallbacks": fallbacks},
+        sort_keys=True,
+        default=str,
+    )
+    return meta
+
+
+def describe_plan(plan: ConversionPlan) -> str:
+    """A human-readable table of the plan (``--dry-run``)."""
+    from lrq_ao.convert.report import human_bytes
+
+    lines = [f"preset: {plan.preset.name} ({plan.preset_reason})", ""]
+    width = max((len(t.name) for t in plan.tensors), default=10)
+    for t in plan.tensors:
+        info = plan.source.tensors[t.name]
+        what = t.format if t.action == "quantize" else t.action
+        lines.append(f"  {t.name:<{width}}  {info.dtype:>5} {str(list(info.shape)):>16}  {what:<24} {t.reason}")
+        if t.fallback:
+            lines.append(f"  {'':<{width}}  FALLBACK: {t.fallback}")
+    nq = len(plan.quantized)
+    lines += [
+        "",
+        f"{nq} layers quantized, {sum(t.action == 'keep' for t in plan.tensors)} tensors kept, "
+        f"{sum(t.action == 'remove' for t in plan.tensors)} removed, "
+        f"{sum(1 for t in plan.tensors if t.fallback)} fallbacks",
+        f"estimated output size: {human_bytes(plan.output_bytes)} (input {human_bytes(plan.input_bytes)})",
+    ]
+    custom = sorted({t.format for t in plan.quantized if not cf.COMFY_FORMATS[t.format].stock})
+    if custom:
+        lines.append(custom_format_warning(custom))
+    return "\n".join(lines)
+
+
+def custom_format_warning(formats: list[str]) -> str:
+    return (
+        f"WARNING: {', '.join(formats)} load only with the ComfyUI-QuantOps custom node; stock ComfyUI refuses "
+        f"them ('Unsupported quantization format'). For stock ComfyUI use float8_e4m3fn or int8_tensorwise."
+    )

@@ -1,0 +1,359 @@
+"""Streaming safetensors I/O with bounded memory.
+
+A safetensors file is an 8-byte little-endian header length ``n``, ``n`` bytes of JSON (``{name: {"dtype", "shape",
+"data_offsets": [begin, end]}, "__metadata__": {str: str}}``, offsets relative to the end of the header), then the
+raw little-endian tensor bytes. ``read_source`` parses only the headers (of one file or of every shard named by a
+``*.safetensors.index.json``); ``read_tensor`` reads one tensor's bytes with a single ``readinto`` so host memory
+holds one copy of it; ``copy_bytes`` moves an untouched tensor in fixed-size chunks without decoding it.
+
+``StreamingWriter`` writes the whole output header first (every output tensor's dtype and shape is known from the
+plan), then each tensor's bytes at its offset in any order, into ``<output>.partial`` beside the target; ``finish``
+fsyncs and renames. Input files are only ever opened read-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# safetensors dtype names <-> torch dtypes (the subset a checkpoint plausibly holds).
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+COPY_CHUNK = 64 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: the message names the file and tensor and says what is wrong."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one input tensor lives: file, dtype name, shape and absolute byte range."""
+
+    name: str
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+@dataclass(frozen=True)
+class Source:
+    """A checkpoint's tensors (in file and offset order), its metadata and a fingerprint of its files."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    files: tuple[str, ...]
+    fingerprint: str
+
+
+def _element_size(dtype: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+def parse_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str], bytes]:
+    """Parse and validate one safetensors file's header. Returns ``(tensors, metadata, raw_header_bytes)``.
+
+    Raises ``CheckpointError`` naming the file (and tensor) for a file that is not safetensors, a header that is not
+    valid JSON, an unknown dtype, offsets that do not match the shape, overlap, or data past the end of the file.
+    """
+    path = str(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes, no header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(
+                f"{path}: not a safetensors file or truncated (header length {n} does not fit a {size}-byte file)"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{path}: header is not valid JSON ({e}); the file is not a safetensors checkpoint"
+        ) from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header must be a JSON object, got {type(header).__name__}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    base = 8 + n
+    tensors = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_info(path, name, entry, base, size)
+    _check_no_overlap(path, tensors.values())
+    ordered = dict(sorted(tensors.items(), key=lambda kv: kv[1].start))
+    return ordered, metadata, raw
+
+
+def _tensor_info(path: str, name: str, entry: object, base: int, size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}; known: {sorted(DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has malformed shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or offsets[1] < offsets[0]
+    ):
+        raise CheckpointError(f"{path}: tensor {name!r} has malformed data_offsets {offsets!r}")
+    expected = math.prod(shape) * _element_size(dtype)
+    if offsets[1] - offsets[0] != expected:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} ({dtype}, shape {shape}) needs {expected} bytes but its data_offsets span "
+            f"{offsets[1] - offsets[0]}"
+        )
+    if base + offsets[1] > size:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} ends at byte {base + offsets[1]} but the file has {size} bytes; the file is "
+            f"truncated (re-download or re-copy it)"
+        )
+    return TensorInfo(name, path, dtype, tuple(shape), base + offsets[0], base + offsets[1])
+
+
+def _check_no_overlap(path: str, infos) -> None:
+    last_end, last_name = -1, None
+    for info in sorted(infos, key=lambda t: (t.start, t.end)):
+        if info.nbytes and info.start < last_end:
+            raise CheckpointError(f"{path}: tensors {last_name!r} and {info.name!r} overlap in the data section")
+        if info.nbytes:
+            last_end, last_name = info.end, info.name
+
+
+def _shard_files(index_path: Path) -> list[Path]:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid safetensors index (needs a 'weight_map'): {e}") from e
+    files = list(dict.fromkeys(weight_map.values()))
+    return [index_path.parent / f for f in files]
+
+
+def resolve_input_files(path: str | Path) -> list[Path]:
+    """The safetensors files behind ``path``: a file, an index JSON, or a folder holding one index (or one file)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"input {path} does not exist")
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        if len(indexes) == 1:
+            return _shard_files(indexes[0])
+        if len(indexes) > 1:
+            raise CheckpointError(f"{path}: several *.safetensors.index.json files; pass the one to use with -i")
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) == 1:
+            return files
+        raise CheckpointError(
+            f"{path}: a folder input needs one *.safetensors.index.json (or exactly one .safetensors file), "
+            f"found {len(files)} .safetensors files and no index"
+        )
+    if path.name.endswith(".index.json"):
+        return _shard_files(path)
+    return [path]
+
+
+def read_source(path: str | Path) -> Source:
+    """Read the headers of every file behind ``path`` (nothing else). Raises ``CheckpointError`` for bad input."""
+    files = resolve_input_files(path)
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    digest = hashlib.sha256()
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"shard {file} named by the index does not exist")
+        infos, meta, raw = parse_header(file)
+        for name, info in infos.items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} appears in both {tensors[name].path} and {file}")
+            tensors[name] = info
+        metadata.update(meta)
+        st = file.stat()
+        digest.update(f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
+        digest.update(raw)
+    return Source(tensors, metadata, tuple(str(f) for f in files), digest.hexdigest())
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor into a fresh CPU tensor (a single copy in host memory)."""
+    out = torch.empty(info.nbytes, dtype=torch.uint8)
+    if info.nbytes:
+        with open(info.path, "rb", buffering=0) as f:
+            f.seek(info.start)
+            got = f.readinto(memoryview(out.numpy()))
+        if got != info.nbytes:
+            raise CheckpointError(f"{info.path}: tensor {info.name!r} is truncated ({got} of {info.nbytes} bytes)")
+    return out.view(info.torch_dtype).reshape(info.shape)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, without copying if it is contiguous."""
+    t = t.detach().contiguous().cpu()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+@dataclass(frozen=True)
+class OutputEntry:
+    """One output tensor: name, safetensors dtype name, shape; ``offset`` is relative to the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _element_size(self.dtype)
+
+
+def layout_entries(entries: list[OutputEntry]) -> tuple[list[OutputEntry], int]:
+    """Assign contiguous data offsets in the given order. Returns ``(entries, data_bytes)``."""
+    offset, placed = 0, []
+    for e in entries:
+        placed.append(OutputEntry(e.name, e.dtype, e.shape, offset))
+        offset += e.nbytes
+    return placed, offset
+
+
+def encode_header(entries: list[OutputEntry], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length plus JSON header (space-padded to a multiple of 8, as the safetensors library does)."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.offset, e.offset + e.nbytes]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class StreamingWriter:
+    """Writes a safetensors file whose header is known up front; tensor bytes may arrive in any order.
+
+    Data goes to ``<target>.partial`` (same folder, so the final rename is atomic); ``finish`` checks every tensor
+    was written, fsyncs and renames. ``open_existing`` reopens a partial file for ``--resume``.
+    """
+
+    def __init__(self, target: Path, entries: list[OutputEntry], metadata: dict[str, str], *, resume: bool = False):
+        self.target = Path(target)
+        self.partial = partial_path(self.target)
+        self.entries = {e.name: e for e in entries}
+        self.header = encode_header(entries, metadata)
+        self.total = len(self.header) + sum(e.nbytes for e in entries)
+        if resume:
+            self.fd = os.open(self.partial, os.O_RDWR)
+            existing = os.pread(self.fd, len(self.header), 0)
+            if existing != self.header or os.fstat(self.fd).st_size != self.total:
+                os.close(self.fd)
+                raise CheckpointError(
+                    f"{self.partial} does not match this conversion's output layout; delete it or run without --resume"
+                )
+        else:
+            self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(self.fd, self.total)
+            os.pwrite(self.fd, self.header, 0)
+
+    def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
+        entry = self.entries[name]
+        buf = tensor_bytes(data) if isinstance(data, torch.Tensor) else memoryview(data)
+        if buf.nbytes != entry.nbytes:
+            raise ValueError(f"output tensor {name!r} expects {entry.nbytes} bytes, got {buf.nbytes}")
+        self.write_at(entry, 0, buf)
+
+    def write_at(self, entry: OutputEntry, within: int, buf: memoryview) -> None:
+        pos = len(self.header) + entry.offset + within
+        buf = buf.cast("B")
+        while buf.nbytes:
+            n = os.pwrite(self.fd, buf, pos)
+            buf, pos = buf[n:], pos + n
+
+    def copy_from(self, name: str, info: TensorInfo) -> None:
+        """Copy an input tensor's bytes unchanged, in bounded chunks."""
+        entry = self.entries[name]
+        if entry.nbytes != info.nbytes:
+            raise ValueError(f"output tensor {name!r} expects {entry.nbytes} bytes, input has {info.nbytes}")
+        with open(info.path, "rb", buffering=0) as f:
+            done = 0
+            while done < info.nbytes:
+                chunk = os.pread(f.fileno(), min(COPY_CHUNK, info.nbytes - done), info.start + done)
+                if not chunk:
+                    raise CheckpointError(f"{info.path}: tensor {info.name!r} is truncated")
+                self.write_at(entry, done, memoryview(chunk))
+                done += len(chunk)
+
+    def finish(self) -> Path:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.partial, self.target)
+        _fsync_dir(self.target.parent)
+        return self.target
+
+    def abort(self, *, keep_partial: bool) -> None:
+        """Close; delete the partial file unless it is kept for ``--resume``."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if not keep_partial:
+            self.partial.unlink(missing_ok=True)
+
+
+def partial_path(target: Path) -> Path:
+    return Path(target).with_name(Path(target).name + ".partial")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
