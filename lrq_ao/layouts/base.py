@@ -198,7 +198,7 @@ class QuantizedWeightTensor(TorchAOBaseTensor):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, layout={self.layout_name}, "
-            f"block_size={self.block_size}, act={self.act}, kernel={self.kernel}, device={self.device},\n"
+            f"block_size={self.block_size},\n  act={self.act}, kernel={self.kernel}, device={self.device},\n"
             f"  qdata={self.qdata},\n  scale={self.scale})"
         )
 

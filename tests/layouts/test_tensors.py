@@ -119,7 +119,8 @@ def test_repr():
     assert_expected_inline(
         repr(t),
         """\
-Int8Tensor(shape=(2, 4), dtype=torch.float32, layout=per-row, block_size=(1, 4), act=dynamic/row, kernel=auto, device=cpu,
+Int8Tensor(shape=(2, 4), dtype=torch.float32, layout=per-row, block_size=(1, 4),
+  act=dynamic/row, kernel=auto, device=cpu,
   qdata=tensor([[  64, -127,   32,    0],
         [ 127,   95,  -32,   64]], dtype=torch.int8),
   scale=tensor([[0.0157],
