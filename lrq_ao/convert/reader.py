@@ -1,0 +1,486 @@
+"""Read ComfyUI quantized checkpoints back into lrq_ao tensors.
+
+Accepts files written by lrq_ao, by the reference tool ``convert-to-quant`` (``float8_e4m3fn``,
+``float8_e4m3fn_rowwise``, ``float8_e4m3fn_blockwise``, ``int8_tensorwise``, ``int8_blockwise``) and legacy
+``scaled_fp8`` files (``scale_weight`` / ``scale_input``). Every layer is validated before any tensor is used:
+stored dtype against the format, presence and shape of the scale, marker JSON, known format, and that the file
+holds every byte its header promises. Any problem raises :class:`ComfyFormatError` (a ``ValueError``) naming the
+file and the tensor.
+
+Public entry points: :func:`read_comfy` (lazy: parses and validates, returns a :class:`ComfyCheckpoint`),
+:func:`load_comfy` (a state dict with lrq_ao tensors for quantized weights) and :func:`load_comfy_into`
+(fills a model built on the meta device).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lrq_ao.convert.comfy_format import (
+    INPUT_SCALE_SUFFIX,
+    MARKER_SUFFIX,
+    METADATA_KEY,
+    SCALE_SUFFIX,
+    WEIGHT_SUFFIX,
+    ComfyFormat,
+    ComfyFormatError,
+    decode_marker,
+    get_comfy_format,
+    parse_dtype_name,
+    parse_metadata_header,
+    scale_from_comfy,
+)
+from lrq_ao.primitives import FP8_DTYPE, FormatSpec, dequantize
+
+__all__ = ["ComfyCheckpoint", "ComfyFormatError", "ComfyLayer", "LoadResult", "load_comfy", "load_comfy_into"]
+
+# safetensors dtype names -> torch dtypes (the names the format defines; torch lacks some, e.g. F4).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+LEGACY_MARKER = "scaled_fp8"
+LEGACY_SCALE_SUFFIX = ".scale_weight"
+LEGACY_INPUT_SCALE_SUFFIX = ".scale_input"
+DEFAULT_DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as the safetensors header describes it."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass
+class ComfyLayer:
+    """A validated quantized linear: lrq_ao's view of ``<layer>.weight`` + ``.weight_scale`` + ``.comfy_quant``.
+
+    ``scale`` is the float32 2-D grid ``(N // bn, K // bk)`` of :mod:`lrq_ao.primitives`; ``qdata`` is filled by
+    :meth:`ComfyCheckpoint.load_layer`. ``source`` is ``"marker"``, ``"header"`` or ``"legacy"``.
+    """
+
+    name: str
+    comfy_format: ComfyFormat
+    spec: FormatSpec
+    shape: tuple[int, int]
+    scale: torch.Tensor
+    block_size: tuple[int, int]
+    marker: dict[str, Any]
+    source: str
+    orig_dtype: torch.dtype | None = None
+    input_scale: torch.Tensor | None = None
+    qdata: torch.Tensor | None = None
+
+    @property
+    def full_precision_matrix_mult(self) -> bool:
+        return bool(self.marker.get("full_precision_matrix_mult", False))
+
+    @property
+    def stock(self) -> bool:
+        return self.comfy_format.stock
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``qdata.float() * scale`` broadcast per block (the oracle every loader must reproduce)."""
+        if self.qdata is None:
+            raise ComfyFormatError(f"{self.name}.weight: data not loaded; use ComfyCheckpoint.load_layer first")
+        return dequantize(self.qdata, self.scale, self.block_size, dtype)
+
+
+@dataclass
+class ComfyCheckpoint:
+    """A parsed, validated ComfyUI checkpoint; tensor data is read lazily from ``path``."""
+
+    path: Path
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    layers: dict[str, ComfyLayer] = field(default_factory=dict)
+    consumed: set[str] = field(default_factory=set)  # keys folded into layers (weights, scales, markers)
+
+    def formats(self) -> dict[str, str]:
+        """``{layer: ComfyUI format name}`` for every quantized layer."""
+        return {name: layer.comfy_format.name for name, layer in self.layers.items()}
+
+    def plain_keys(self) -> list[str]:
+        """Keys of tensors that are not part of a quantized layer (biases, norms, unquantized weights)."""
+        return [k for k in self.entries if k not in self.consumed]
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """Read one tensor from the file (``ComfyFormatError`` naming the file and key if that fails)."""
+        return _read_tensors(self.path, [key])[key]
+
+    def load_layer(self, name: str) -> ComfyLayer:
+        """Read ``<name>.weight`` into ``layers[name].qdata`` and return the layer."""
+        layer = self.layers[name]
+        if layer.qdata is None:
+            layer.qdata = self.get_tensor(name + WEIGHT_SUFFIX)
+        return layer
+
+    def describe(self) -> str:
+        """A table of the quantized layers: name, format, shape, block size, stock-ComfyUI loadability."""
+        rows = [f"{'layer':<48} {'format':<26} {'shape':<14} {'block':<12} stock"]
+        for name, layer in self.layers.items():
+            shape = "x".join(map(str, layer.shape))
+            block = "x".join(map(str, layer.block_size))
+            rows.append(f"{name:<48} {layer.comfy_format.name:<26} {shape:<14} {block:<12} {layer.stock}")
+        rows.append(f"{len(self.layers)} quantized layers, {len(self.plain_keys())} other tensors: {self.path}")
+        return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The safetensors container, checked by hand so every failure gets a clear message
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse and check a safetensors header: JSON, dtypes, shapes and that every byte range lies in the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ComfyFormatError(f"{path}: not a safetensors file (only {size} bytes, no header length)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or header_len > size - 8:
+                raise ComfyFormatError(
+                    f"{path}: not a safetensors file or truncated: header length {header_len} bytes, file {size} bytes"
+                )
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise ComfyFormatError(f"{path}: cannot read file ({exc})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ComfyFormatError(f"{path}: not a safetensors file: header is not valid UTF-8 JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ComfyFormatError(f"{path}: safetensors header must be a JSON object")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ComfyFormatError(f"{path}: safetensors __metadata__ must map names to strings")
+    data_len = size - 8 - header_len
+    entries = {key: _check_entry(path, key, info, data_len) for key, info in header.items()}
+    return entries, metadata
+
+
+def _check_entry(path: Path, key: str, info: Any, data_len: int) -> TensorEntry:
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(info, dict):
+        raise ComfyFormatError(f"{where}: header entry must be an object with dtype, shape and data_offsets")
+    dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+    if dtype is None:
+        raise ComfyFormatError(f"{where}: unsupported or missing dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ComfyFormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise ComfyFormatError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    expected = numel * torch.empty((), dtype=dtype).element_size()
+    if offsets[1] - offsets[0] != expected:
+        raise ComfyFormatError(
+            f"{where}: holds {offsets[1] - offsets[0]} bytes, but dtype {info['dtype']} and shape {shape} "
+            f"need {expected}"
+        )
+    if offsets[1] > data_len:
+        raise ComfyFormatError(
+            f"{where}: truncated file: data ends at byte {offsets[1]} but the file holds only {data_len} data bytes"
+        )
+    return TensorEntry(dtype, tuple(shape))
+
+
+def _read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
+    key = None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in keys:
+                out[key] = f.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ComfyFormatError(f"{path}: cannot read tensor {key!r} ({exc})") from None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finding and validating quantized layers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_comfy(path: str | os.PathLike) -> ComfyCheckpoint:
+    """Parse and validate a ComfyUI checkpoint without reading the weight data.
+
+    Returns a :class:`ComfyCheckpoint` whose ``layers`` hold each quantized layer's format, lrq_ao scale grid
+    and block size. Raises :class:`ComfyFormatError` naming the file and tensor for: a file that is not
+    safetensors, a truncated file, invalid header or marker JSON, an unknown format, a weight whose dtype does not
+    match its format, a missing or misshapen scale, or header layer names ending in ``.weight``.
+    """
+    path = Path(path)
+    entries, metadata = _read_header(path)
+    ckpt = ComfyCheckpoint(path, entries, metadata)
+    markers = _collect_markers(ckpt)
+    legacy = _find_legacy_marker(entries)
+    if legacy is not None and not markers:
+        markers = _legacy_markers(ckpt, legacy)
+    small = _read_tensors(path, sorted(_small_keys(entries, markers)))
+    for name, (marker, source) in markers.items():
+        ckpt.layers[name] = _validate_layer(ckpt, name, marker, source, small)
+    _reject_orphan_scales(ckpt)
+    return ckpt
+
+
+def _collect_markers(ckpt: ComfyCheckpoint) -> dict[str, tuple[dict[str, Any], str]]:
+    path = ckpt.path
+    marker_keys = [k for k in ckpt.entries if k.endswith(MARKER_SUFFIX)]
+    tensors = _read_tensors(path, marker_keys)
+    markers = {
+        k[: -len(MARKER_SUFFIX)]: (decode_marker(t, f"{path}: tensor {k!r}"), "marker") for k, t in tensors.items()
+    }
+    ckpt.consumed.update(marker_keys)
+    if METADATA_KEY not in ckpt.metadata:
+        return markers
+    header = parse_metadata_header(ckpt.metadata[METADATA_KEY], f"{path}: header {METADATA_KEY}")
+    for name, marker in header.items():
+        if name in markers and markers[name][0]["format"] != marker["format"]:
+            raise ComfyFormatError(
+                f"{path}: layer {name!r}: header {METADATA_KEY} says format {marker['format']!r} but tensor "
+                f"'{name}{MARKER_SUFFIX}' says {markers[name][0]['format']!r} (ComfyUI would use the header)"
+            )
+        # ComfyUI regenerates markers from the header, so the header entry wins where both exist.
+        markers[name] = (marker, "header" if name not in markers else "marker")
+    return markers
+
+
+def _find_legacy_marker(entries: dict[str, TensorEntry]) -> str | None:
+    found = [k for k in entries if k == LEGACY_MARKER or k.endswith("." + LEGACY_MARKER)]
+    return found[0] if found else None
+
+
+def _legacy_markers(ckpt: ComfyCheckpoint, key: str) -> dict[str, tuple[dict[str, Any], str]]:
+    """Turn a legacy ``scaled_fp8`` file's layers into markers, as ComfyUI's ``convert_old_quants`` does."""
+    entry = ckpt.entries[key]
+    if entry.dtype == torch.float8_e5m2:
+        raise ComfyFormatError(f"{ckpt.path}: tensor {key!r}: legacy float8_e5m2 files are not supported by lrq_ao")
+    if entry.dtype not in (FP8_DTYPE, torch.float32):
+        raise ComfyFormatError(f"{ckpt.path}: tensor {key!r}: legacy marker must be float8_e4m3fn, got {entry.dtype}")
+    marker: dict[str, Any] = {"format": "float8_e4m3fn"}
+    if entry.shape and entry.shape[0] == 2:
+        marker["full_precision_matrix_mult"] = True
+    prefix = key[: -len(LEGACY_MARKER)]
+    ckpt.consumed.add(key)
+    return {
+        k[: -len(LEGACY_SCALE_SUFFIX)]: (dict(marker), "legacy")
+        for k in ckpt.entries
+        if k.startswith(prefix) and k.endswith(LEGACY_SCALE_SUFFIX)
+    }
+
+
+def _scale_keys(name: str, source: str) -> tuple[str, str]:
+    if source == "legacy":
+        return name + LEGACY_SCALE_SUFFIX, name + LEGACY_INPUT_SCALE_SUFFIX
+    return name + SCALE_SUFFIX, name + INPUT_SCALE_SUFFIX
+
+
+def _small_keys(entries: dict[str, TensorEntry], markers: dict) -> set[str]:
+    keys = set()
+    for name, (_, source) in markers.items():
+        keys.update(k for k in _scale_keys(name, source) if k in entries)
+    return keys
+
+
+def _validate_layer(
+    ckpt: ComfyCheckpoint, name: str, marker: dict[str, Any], source: str, small: dict[str, torch.Tensor]
+) -> ComfyLayer:
+    where = f"{ckpt.path}: layer {name!r}"
+    fmt = get_comfy_format(marker["format"], where)
+    weight_key = name + WEIGHT_SUFFIX
+    weight = ckpt.entries.get(weight_key)
+    if weight is None:
+        raise ComfyFormatError(f"{where}: marked as {fmt.name} but tensor {weight_key!r} is missing")
+    if weight.dtype != fmt.qdtype:
+        raise ComfyFormatError(
+            f"{ckpt.path}: tensor {weight_key!r}: dtype {weight.dtype} is wrong for format {fmt.name}, which "
+            f"stores {fmt.qdtype}"
+        )
+    if len(weight.shape) != 2:
+        raise ComfyFormatError(f"{ckpt.path}: tensor {weight_key!r}: expected a 2-D weight, got shape {weight.shape}")
+    shape = (weight.shape[0], weight.shape[1])
+    if 0 in shape:
+        raise ComfyFormatError(f"{ckpt.path}: tensor {weight_key!r}: empty weight of shape {list(shape)}")
+    if "orig_shape" in marker and tuple(marker["orig_shape"]) != shape:
+        raise ComfyFormatError(f"{where}: marker orig_shape {marker['orig_shape']} != stored weight shape {shape}")
+    scale_key, input_key = _scale_keys(name, source)
+    if scale_key not in small:
+        raise ComfyFormatError(f"{where}: format {fmt.name} needs tensor {scale_key!r}, which is missing")
+    stored = small[scale_key]
+    spec, grid, block_size = scale_from_comfy(
+        stored, fmt, shape, marker.get("group_size"), f"{ckpt.path}: tensor {scale_key!r}"
+    )
+    if stored.dim() == 1 and stored.numel() == shape[0] > 1 and fmt.name == "int8_tensorwise":
+        warnings.warn(f"{ckpt.path}: tensor {scale_key!r}: 1-D per-row int8 scale fails in stock ComfyUI", stacklevel=3)
+    if not bool(torch.isfinite(grid).all()) or bool((grid < 0).any()):
+        raise ComfyFormatError(f"{ckpt.path}: tensor {scale_key!r}: scales must be finite and non-negative")
+    input_scale = _validated_input_scale(ckpt, input_key, small)
+    if source == "legacy" and input_scale is not None and input_scale.numel() == 1 and float(input_scale) == 1.0:
+        input_scale = None  # ComfyUI drops a legacy unit input scale
+    orig_dtype = parse_dtype_name(marker["orig_dtype"], where) if "orig_dtype" in marker else None
+    ckpt.consumed.update(k for k in (weight_key, scale_key, input_key) if k in ckpt.entries)
+    return ComfyLayer(name, fmt, spec, shape, grid, block_size, marker, source, orig_dtype, input_scale)
+
+
+def _validated_input_scale(ckpt: ComfyCheckpoint, key: str, small: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    if key not in small:
+        return None
+    value = small[key]
+    if not value.dtype.is_floating_point or value.dtype in (FP8_DTYPE, torch.float8_e5m2):
+        raise ComfyFormatError(f"{ckpt.path}: tensor {key!r}: input scale must be a float tensor, got {value.dtype}")
+    if not bool(torch.isfinite(value).all()) or bool((value <= 0).any()):
+        raise ComfyFormatError(f"{ckpt.path}: tensor {key!r}: input scale must be finite and positive")
+    return value.float()
+
+
+def _reject_orphan_scales(ckpt: ComfyCheckpoint) -> None:
+    for key in ckpt.entries:
+        if key.endswith(SCALE_SUFFIX) and key not in ckpt.consumed:
+            layer = key[: -len(SCALE_SUFFIX)]
+            raise ComfyFormatError(
+                f"{ckpt.path}: tensor {key!r} has no quantization marker: add '{layer}{MARKER_SUFFIX}' or a "
+                f"{METADATA_KEY} header entry for {layer!r}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading into lrq_ao tensors and models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _weight_tensor(layer: ComfyLayer, dtype: torch.dtype | None, act, kernel) -> torch.Tensor:
+    from lrq_ao.layouts import make_weight_tensor
+
+    hp_dtype = dtype or layer.orig_dtype or DEFAULT_DTYPE
+    return make_weight_tensor(layer.qdata, layer.scale, layer.block_size, hp_dtype, act=act, kernel=kernel)
+
+
+def load_comfy(
+    path: str | os.PathLike, *, dtype: torch.dtype | None = None, act=None, kernel=None
+) -> dict[str, torch.Tensor]:
+    """Load a ComfyUI checkpoint as a state dict.
+
+    Quantized layers come back as ``<layer>.weight`` -> ``lrq_ao.layouts.Float8Tensor`` / ``Int8Tensor`` reporting
+    ``dtype`` (default: the marker's ``orig_dtype``, else bfloat16); their ``weight_scale``, ``input_scale`` and
+    ``comfy_quant`` entries are folded in and not returned. Every other tensor is returned as stored. Use
+    :func:`read_comfy` for per-layer formats. Raises :class:`ComfyFormatError` for malformed files.
+    """
+    ckpt = read_comfy(path)
+    state = _read_tensors(ckpt.path, ckpt.plain_keys())
+    for name in ckpt.layers:
+        state[name + WEIGHT_SUFFIX] = _weight_tensor(ckpt.load_layer(name), dtype, act, kernel)
+    return state
+
+
+@dataclass
+class LoadResult:
+    """What :func:`load_comfy_into` did: quantized layers set, and state-dict keys the model and file disagree on."""
+
+    quantized: list[str]
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def load_comfy_into(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    prefix: str = "",
+    strict: bool = True,
+    dtype: torch.dtype | None = None,
+    act=None,
+    kernel=None,
+) -> LoadResult:
+    """Fill ``model`` (typically built on the meta device) from a ComfyUI checkpoint, assigning tensors in place.
+
+    Quantized layers become non-trainable ``nn.Parameter``s wrapping lrq_ao tensors, so the model runs with
+    lrq_ao's kernels; every other tensor is assigned as stored (``load_state_dict(assign=True)`` semantics).
+    ``prefix`` is stripped from the file's keys (e.g. ``"model.diffusion_model."``); keys outside it are ignored.
+    With ``strict`` (default) any key the model expects but the file lacks, any file key the model lacks, or a
+    shape mismatch raises :class:`ComfyFormatError`; otherwise they are returned in the :class:`LoadResult`.
+    """
+    ckpt = read_comfy(path)
+    where = str(ckpt.path)
+    expected = model.state_dict(keep_vars=True)
+    quantized, unexpected, plain = [], [], {}
+    for name in ckpt.layers:
+        if not name.startswith(prefix):
+            continue
+        key = name[len(prefix) :] + WEIGHT_SUFFIX
+        if key not in expected:
+            unexpected.append(key)
+            continue
+        module_path, _, attr = key.rpartition(".")
+        layer = ckpt.load_layer(name)
+        _check_shape(where, key, tuple(expected[key].shape), layer.shape)
+        weight = _weight_tensor(layer, dtype, act, kernel)
+        setattr(model.get_submodule(module_path), attr, torch.nn.Parameter(weight, requires_grad=False))
+        layer.qdata = None  # the lrq_ao tensor holds it now; do not keep a second reference
+        quantized.append(key)
+    file_keys = [k for k in ckpt.plain_keys() if k.startswith(prefix)]
+    for key in file_keys:
+        local = key[len(prefix) :]
+        if local in expected:
+            _check_shape(where, local, tuple(expected[local].shape), ckpt.entries[key].shape)
+            plain[local] = key
+        else:
+            unexpected.append(local)
+    tensors = _read_tensors(ckpt.path, list(plain.values()))
+    model.load_state_dict({local: tensors[key] for local, key in plain.items()}, strict=False, assign=True)
+    missing = sorted(set(expected) - set(plain) - set(quantized))
+    result = LoadResult(quantized, missing, sorted(unexpected))
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise ComfyFormatError(
+            f"{where}: checkpoint does not match the model: {len(missing)} missing key(s) "
+            f"{_first(result.missing_keys)}, {len(unexpected)} unexpected key(s) {_first(result.unexpected_keys)}; "
+            f"check `prefix` (got {prefix!r}) or pass strict=False"
+        )
+    return result
+
+
+def _check_shape(where: str, key: str, model_shape: tuple, file_shape: tuple) -> None:
+    if tuple(model_shape) != tuple(file_shape):
+        raise ComfyFormatError(
+            f"{where}: tensor {key!r} has shape {list(file_shape)} but the model expects {list(model_shape)}"
+        )
+
+
+def _first(keys: list[str], n: int = 8) -> str:
+    return str(keys[:n])[:-1] + (", ...]" if len(keys) > n else "]")
