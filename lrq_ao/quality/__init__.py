@@ -27,6 +27,7 @@ from lrq_ao.quality.metrics import (
 from lrq_ao.quality.minilm import MiniLM, MiniLMConfig, encoder_linear_names, load_minilm, minilm_dir
 from lrq_ao.quality.texts import (
     Batch,
+    calibrate_on_text,
     calibration_batches,
     calibration_sentences,
     evaluation_batches,
@@ -36,6 +37,7 @@ from lrq_ao.quality.texts import (
 
 __all__ = [
     "Batch",
+    "calibrate_on_text",
     "Floor",
     "LayerQuality",
     "MiniLM",

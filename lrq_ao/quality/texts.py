@@ -88,3 +88,26 @@ def calibration_batches(batch_size: int = 16) -> list[Batch]:
 def evaluation_batches(batch_size: int = 16) -> list[Batch]:
     """The evaluation split (disjoint from calibration) as padded batches, in a fixed order."""
     return _batches(evaluation_sentences(), batch_size)
+
+
+def unpadded_batches(sentences: list[str]) -> list[Batch]:
+    """Sentences grouped by token count so no batch needs padding, shortest group first (deterministic)."""
+    groups: dict[int, list[Batch]] = {}
+    for sentence in sentences:
+        single = tokenize([sentence])
+        groups.setdefault(single.input_ids.shape[1], []).append(single)
+    return [Batch(*(torch.cat(parts) for parts in zip(*groups[n]))) for n in sorted(groups)]
+
+
+@torch.no_grad()
+def calibrate_on_text(model: torch.nn.Module):
+    """Run ``model`` over the calibration split inside ``lrq_ao.calibrate`` and return the ``Calibration``
+    (per-linear input statistics keyed by module name; pass it as ``LearnedRoundingConfig(calibration=...)``).
+
+    The batches hold no padding, so the statistics count real tokens only; the evaluation split is never seen."""
+    from lrq_ao.rounding.calibration import calibrate
+
+    with calibrate(model) as calib:
+        for batch in unpadded_batches(calibration_sentences()):
+            model(*batch)
+    return calib

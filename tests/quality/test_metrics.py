@@ -119,3 +119,25 @@ def test_sizes_count_storage_bytes(model):
     names = encoder_linear_names(model)
     assert model_bytes(model, names) == 4 * 6 * (4 * 384 * 384 + 2 * 384 * 1536)
     assert tensor_bytes(torch.zeros(3, 5, dtype=torch.float8_e4m3fn)) == 15
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8_block"])
+def test_tensor_subclass_weights_match_fake_quantization(model, batches, fmt):
+    """Weights held as Float8Tensor/Int8Tensor are dequantized for weight SQNR and sized as qdata + scale."""
+    from lrq_ao.layouts import make_weight_tensor
+
+    spec = format_spec(fmt)
+    quantized = copy.deepcopy(model)
+    expected_bytes = 0
+    for name in encoder_linear_names(quantized):
+        linear = quantized.get_submodule(name)
+        qdata, scale, block_size = quantize_rtn(linear.weight, spec)
+        linear.weight = torch.nn.Parameter(make_weight_tensor(qdata, scale, block_size, torch.float32), False)
+        expected_bytes += qdata.numel() + 4 * scale.numel()
+    assert model_bytes(quantized, encoder_linear_names(quantized)) == expected_bytes
+    report = evaluate(model, quantized, batches)
+    reference = evaluate(model, fake_quantize_rtn(model, fmt), batches)
+    for got, want in zip(report.layers, reference.layers):
+        assert got.weight_sqnr == pytest.approx(want.weight_sqnr, abs=1e-6)
+        assert got.output_sqnr_isolated == pytest.approx(want.output_sqnr_isolated, abs=0.01)
+    assert report.end_to_end_sqnr == pytest.approx(reference.end_to_end_sqnr, abs=0.05)

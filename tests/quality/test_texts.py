@@ -63,3 +63,16 @@ def test_batches_are_padded_bert_inputs(make_batches):
 def test_bad_batch_size_is_rejected():
     with pytest.raises(ValueError, match="batch_size"):
         evaluation_batches(0)
+
+
+def test_unpadded_batches_hold_every_sentence_without_padding():
+    from lrq_ao.quality.texts import tokenize, unpadded_batches
+
+    sentences = calibration_sentences()
+    batches = unpadded_batches(sentences)
+    assert sum(b.input_ids.shape[0] for b in batches) == len(sentences)
+    assert all(bool(b.attention_mask.all()) for b in batches)
+    lengths = [b.input_ids.shape[1] for b in batches]
+    assert lengths == sorted(set(lengths))
+    rows = {tuple(row.tolist()) for b in batches for row in b.input_ids}
+    assert rows == {tuple(tokenize([s]).input_ids[0].tolist()) for s in sentences}
