@@ -1,0 +1,163 @@
+"""``quantize_(model, config)``: replace every eligible ``nn.Linear`` weight by a quantized tensor.
+
+Each weight goes through ``lrq_ao.rounding.quantize_weight`` (round-to-nearest or learned rounding, with the
+layer's calibration statistics when ``config.calibration`` holds them), is wrapped by ``make_weight_tensor`` with
+the activation mode and kernel choice of the config, and replaces ``module.weight`` as a frozen parameter. A
+bias correction returned by the rounding (``bias ← bias − bias_delta``) is applied, creating a zero bias if the
+layer had none. Layers that cannot take the format (a block that does not tile the weight, a weight on the meta
+device, one already quantized) are left as they are and listed with the reason in the returned report: never
+quantized under a different layout than the one asked for.
+
+``LearnedRoundingConfig`` is also registered with torchao, so ``torchao.quantization.quantize_(model, config)``
+works; that path returns no report (torchao's API returns nothing) and warns for each layer it leaves alone.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torchao.quantization.transform_module import register_quantize_module_handler
+
+from lrq_ao.config import LearnedRoundingConfig
+from lrq_ao.layouts import KernelChoice, QuantizedWeightTensor, activation_mode_for, make_weight_tensor
+from lrq_ao.primitives import sqnr
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass
+class QuantizationReport:
+    """What ``quantize_`` did: one dict per quantized layer (the rounding's report plus layout facts) and the
+    ``(name, reason)`` of every ``nn.Linear`` it left alone. ``str(report)`` is a table."""
+
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        header = ("layer", "shape", "format", "activation", "objective", "SQNR dB", "moved %", "seconds")
+        rows = [header] + [_layer_row(layer) for layer in self.layers]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"{len(self.layers)} quantized, {len(self.skipped)} skipped")
+        lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def _layer_row(layer: dict[str, Any]) -> tuple[str, ...]:
+    moved = layer.get("moved_fraction")
+    seconds = layer.get("seconds")
+    return (
+        str(layer.get("name", "")),
+        "x".join(str(d) for d in layer.get("shape", ())),
+        str(layer.get("format", "")),
+        str(layer.get("activation", "")),
+        str(layer.get("objective", "")),
+        _fmt(layer.get("weight_sqnr_db"), "{:.2f}"),
+        "-" if moved is None else f"{100 * moved:.1f}",
+        _fmt(seconds, "{:.2f}"),
+    )
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(value) else pattern.format(value)
+
+
+def skip_reason(module: nn.Module, config: LearnedRoundingConfig) -> str | None:
+    """Why ``module`` cannot take ``config``'s format (``None`` if it can). Only ``nn.Linear`` is considered."""
+    if not isinstance(module, nn.Linear):
+        return f"{type(module).__name__} is not an nn.Linear"
+    weight = module.weight
+    if isinstance(weight, QuantizedWeightTensor):
+        return f"already quantized ({type(weight).__name__}, {weight.layout_name})"
+    if weight.is_meta:
+        return "weight is on the meta device; load real weights before quantizing"
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"weight dtype {weight.dtype} is not float32/bfloat16/float16"
+    try:
+        config.spec.block_size_for(weight.shape)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def quantize_module(module: nn.Linear, config: LearnedRoundingConfig, name: str, stats: Any = None) -> dict:
+    """Quantize one eligible linear in place; returns its report row. NaN/Inf weights raise ``ValueError``."""
+    from lrq_ao.rounding import quantize_weight
+
+    weight = module.weight.detach()
+    result = quantize_weight(weight, config, name=f"{name}.weight" if name else "weight", stats=stats)
+    act = activation_mode_for(config.activation, config.spec.qdtype, result.block_size, weight.shape)
+    qweight = make_weight_tensor(
+        result.qdata, result.scale, result.block_size, weight.dtype, act=act, kernel=KernelChoice(config.kernel)
+    )
+    _apply_bias_delta(module, getattr(result, "bias_delta", None), weight)
+    module.weight = nn.Parameter(qweight, requires_grad=False)
+    layer = dict(result.report)
+    layer.update(name=name, shape=tuple(weight.shape), format=config.format, block_size=result.block_size)
+    layer.update(activation=str(act), kernel=config.kernel)
+    if "weight_sqnr_db" not in layer:
+        layer["weight_sqnr_db"] = sqnr(weight, qweight.dequantize(torch.float32))
+    return layer
+
+
+def _apply_bias_delta(module: nn.Linear, bias_delta: torch.Tensor | None, weight: torch.Tensor) -> None:
+    if bias_delta is None:
+        return
+    if module.bias is None:
+        old = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    else:
+        old = module.bias.detach()
+    new = (old.float() - bias_delta.to(device=old.device, dtype=torch.float32)).to(old.dtype)
+    module.bias = nn.Parameter(new, requires_grad=False if module.bias is None else module.bias.requires_grad)
+
+
+def quantize_(model: nn.Module, config: LearnedRoundingConfig, filter_fn: FilterFn | None = None) -> QuantizationReport:
+    """Quantize, in place, every ``nn.Linear`` of ``model`` that ``filter_fn(module, name)`` accepts (default:
+    all) and whose weight the format can hold. Returns a ``QuantizationReport``.
+
+    Raises ``ValueError`` naming the weight if one holds NaN/Inf, and ``TypeError`` if ``config`` is not a
+    ``LearnedRoundingConfig``.
+    """
+    if not isinstance(config, LearnedRoundingConfig):
+        raise TypeError(f"quantize_ needs a LearnedRoundingConfig, got {type(config).__name__}")
+    from lrq_ao.rounding import stats_for
+
+    report = QuantizationReport()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            report.skipped.append((name, "excluded by filter_fn"))
+            continue
+        reason = skip_reason(module, config)
+        if reason is not None:
+            report.skipped.append((name, reason))
+            continue
+        stats = stats_for(config.calibration, name, module)
+        report.layers.append(quantize_module(module, config, name, stats))
+    return report
+
+
+@register_quantize_module_handler(LearnedRoundingConfig)
+def _torchao_handler(module: nn.Module, config: LearnedRoundingConfig, **kwargs) -> nn.Module:
+    """torchao's per-module entry: torchao passes no module name, so calibration cannot be matched here."""
+    if config.calibration is not None:
+        raise ValueError(
+            "torchao.quantization.quantize_ does not tell handlers the module's name, so calibration statistics "
+            "cannot be matched to layers; call lrq_ao.quantize_(model, config) for calibrated quantization"
+        )
+    reason = skip_reason(module, config)
+    if reason is not None:
+        warnings.warn(f"lrq_ao: left a {type(module).__name__} unquantized: {reason}", stacklevel=2)
+        return module
+    quantize_module(module, config, "", None)
+    return module
