@@ -24,6 +24,7 @@ from lrq_ao.layouts.linear import (
     register_linear_backend,
     registered_backends,
     select_linear_backend,
+    unregister_linear_backend,
 )
 
 torch.serialization.add_safe_globals([ActivationMode, KernelChoice])
@@ -68,4 +69,5 @@ __all__ = [
     "register_linear_backend",
     "registered_backends",
     "select_linear_backend",
+    "unregister_linear_backend",
 ]

@@ -64,6 +64,11 @@ def register_linear_backend(backend: LinearBackend, priority: int) -> None:
     _BACKENDS.sort(key=lambda pb: -pb[0])
 
 
+def unregister_linear_backend(name: str) -> None:
+    """Remove the backend called ``name`` (no error if absent)."""
+    _BACKENDS[:] = [(p, b) for p, b in _BACKENDS if b.name != name]
+
+
 def registered_backends() -> list[LinearBackend]:
     """Backends in priority order (highest first)."""
     return [b for _, b in _BACKENDS]
