@@ -1,0 +1,175 @@
+"""``make demo``: quantize the real MiniLM-L6 text encoder with every lrq_ao layout and show what it costs.
+
+For each format the float32 model is copied and quantized with ``lrq_ao.quantize_``; the table gives the median and
+worst weight SQNR over the 36 encoder linears, the end-to-end SQNR of the final hidden state on held-out text, and
+the bytes of the linear weights (qdata + scales) against float32 and bfloat16. Then one quantized model runs one
+forward under ``torch.compile(fullgraph=True)`` and is checked against its eager output.
+
+    python -m lrq_ao.demo                                # round-to-nearest, all six formats (CPU: ~1 minute)
+    python -m lrq_ao.demo --objective svd --num-iter 100 # learned rounding without calibration data
+    python -m lrq_ao.demo --objective output --calibrate # learned rounding on calibration text statistics
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lrq_ao.config import OBJECTIVES, LearnedRoundingConfig
+from lrq_ao.primitives import FORMATS, sqnr
+from lrq_ao.quality.metrics import QualityReport, evaluate, model_bytes
+from lrq_ao.quality.minilm import MiniLM, encoder_linear_names, load_minilm
+from lrq_ao.quality.texts import Batch, calibrate_on_text, evaluation_batches
+
+MB = 1e6
+
+
+@dataclass
+class DemoRow:
+    format: str
+    report: QualityReport
+    linear_mb: float
+    model_mb: float
+    seconds: float
+    model: MiniLM
+
+
+def quantize_copy(model: MiniLM, config: LearnedRoundingConfig) -> tuple[MiniLM, float]:
+    """A quantized deep copy of ``model`` and the seconds ``quantize_`` took."""
+    from lrq_ao.api import quantize_
+
+    quantized = copy.deepcopy(model)
+    start = time.perf_counter()
+    quantize_(quantized, config)
+    return quantized, time.perf_counter() - start
+
+
+def run_formats(model: MiniLM, args: argparse.Namespace, batches: list[Batch], calibration) -> list[DemoRow]:
+    rows = []
+    names = encoder_linear_names(model)
+    for fmt in args.formats:
+        config = LearnedRoundingConfig(
+            format=fmt, objective=args.objective, num_iter=args.num_iter, calibration=calibration
+        )
+        quantized, seconds = quantize_copy(model, config)
+        report = evaluate(model, quantized, batches, label=fmt)
+        linear_mb, model_mb = model_bytes(quantized, names) / MB, model_bytes(quantized) / MB
+        rows.append(DemoRow(fmt, report, linear_mb, model_mb, seconds, quantized))
+        print(f"  {fmt:<12} quantized in {seconds:5.1f} s", flush=True)
+    return rows
+
+
+def bfloat16_reference(model: MiniLM, batches: list[Batch]) -> QualityReport:
+    """The same metrics for the encoder linears' weights rounded to bfloat16 (what a bf16 checkpoint keeps)."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in encoder_linear_names(rounded):
+            weight = rounded.get_submodule(name).weight
+            weight.copy_(weight.to(torch.bfloat16).float())
+    return evaluate(model, rounded, batches, label="bfloat16")
+
+
+def format_rows(rows: list[DemoRow], bf16: QualityReport, fp32_linear_mb: float, fp32_model_mb: float) -> str:
+    header = (
+        f"{'format':<12} {'weight dB (median)':>18} {'(min)':>7} {'end-to-end dB':>13} {'linears MB':>10} "
+        f"{'model MB':>9} {'quantize s':>10}"
+    )
+    lines = [header, "-" * len(header)]
+    lines.append(f"{'float32':<12} {'inf':>18} {'inf':>7} {'inf':>13} {fp32_linear_mb:10.2f} {fp32_model_mb:9.2f}")
+    lines.append(
+        f"{'bfloat16':<12} {bf16.median_weight_sqnr:18.2f} {bf16.min_weight_sqnr:7.2f} {bf16.end_to_end_sqnr:13.2f} "
+        f"{fp32_linear_mb / 2:10.2f} {fp32_model_mb / 2:9.2f}"
+    )
+    for row in rows:
+        r = row.report
+        lines.append(
+            f"{row.format:<12} {r.median_weight_sqnr:18.2f} {r.min_weight_sqnr:7.2f} {r.end_to_end_sqnr:13.2f} "
+            f"{row.linear_mb:10.2f} {row.model_mb:9.2f} {row.seconds:10.1f}"
+        )
+    return "\n".join(lines)
+
+
+@dataclass
+class CompiledRun:
+    shape: tuple[int, int]
+    first_call_s: float
+    second_call_s: float
+    sqnr_vs_eager: float
+    sqnr_vs_float32: float
+
+    def __str__(self) -> str:
+        return (
+            f"compiled forward (fullgraph) on a {self.shape} batch: first call {self.first_call_s:.1f} s (compiles), "
+            f"second {self.second_call_s * 1e3:.1f} ms; SQNR vs eager {self.sqnr_vs_eager:.1f} dB, vs float32 "
+            f"{self.sqnr_vs_float32:.2f} dB"
+        )
+
+
+@torch.no_grad()
+def compiled_forward(model: MiniLM, fp_model: MiniLM, batch: Batch) -> CompiledRun:
+    """Run ``model`` under ``torch.compile(fullgraph=True)`` twice; compare with its eager output and with the
+    float model (real tokens only)."""
+    valid = batch.attention_mask.bool()
+    compiled = torch.compile(model, fullgraph=True)
+    start = time.perf_counter()
+    out = compiled(*batch)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled(*batch)
+    second = time.perf_counter() - start
+    return CompiledRun(
+        shape=tuple(batch.input_ids.shape),
+        first_call_s=first,
+        second_call_s=second,
+        sqnr_vs_eager=sqnr(model(*batch)[valid], out[valid]),
+        sqnr_vs_float32=sqnr(fp_model(*batch)[valid], out[valid]),
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lrq_ao.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS), metavar="FORMAT")
+    parser.add_argument("--objective", default="rtn", choices=OBJECTIVES, help="rounding objective (default: rtn)")
+    parser.add_argument("--num-iter", type=int, default=LearnedRoundingConfig.num_iter, help="learned-rounding steps")
+    parser.add_argument("--calibrate", action="store_true", help="collect statistics on the calibration split")
+    parser.add_argument("--compile-format", default="int8", choices=list(FORMATS), help="format of the compiled run")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled forward")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    if args.objective in ("output", "act_svd") and not args.calibrate:
+        parser.error(f"--objective {args.objective} needs calibration statistics: add --calibrate")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[DemoRow]:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    model = load_minilm()
+    batches = evaluation_batches(args.batch_size)
+    names = encoder_linear_names(model)
+    print(
+        f"MiniLM-L6 (all-MiniLM-L6-v2): {len(names)} encoder linears quantized; evaluation split "
+        f"{sum(int(b.attention_mask.sum()) for b in batches)} tokens; objective {args.objective}"
+    )
+    calibration = calibrate_on_text(model) if args.calibrate else None
+    rows = run_formats(model, args, batches, calibration)
+    print()
+    bf16 = bfloat16_reference(model, batches)
+    print(format_rows(rows, bf16, model_bytes(model, names) / MB, model_bytes(model) / MB))
+    print("(model MB includes the float32 embeddings, 47 MB of it the vocabulary table, which stay unquantized)")
+    if not args.no_compile:
+        done = {row.format: row.model for row in rows}
+        if args.compile_format in done:
+            quantized = done[args.compile_format]
+        else:
+            quantized, _ = quantize_copy(model, LearnedRoundingConfig(format=args.compile_format, objective="rtn"))
+        print(f"\n{args.compile_format}: {compiled_forward(quantized, model, batches[0])}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
