@@ -411,11 +411,13 @@ def load_comfy(
 
 @dataclass
 class LoadResult:
-    """What :func:`load_comfy_into` did: quantized layers set, and state-dict keys the model and file disagree on."""
+    """What :func:`load_comfy_into` did: quantized layers set, state-dict keys the model and file disagree on, and
+    file keys outside ``prefix`` that were not considered (e.g. the VAE in a combined checkpoint)."""
 
     quantized: list[str]
     missing_keys: list[str]
     unexpected_keys: list[str]
+    ignored_keys: list[str] = field(default_factory=list)
 
 
 def load_comfy_into(
@@ -432,7 +434,8 @@ def load_comfy_into(
 
     Quantized layers become non-trainable ``nn.Parameter``s wrapping lrq_ao tensors, so the model runs with
     lrq_ao's kernels; every other tensor is assigned as stored (``load_state_dict(assign=True)`` semantics).
-    ``prefix`` is stripped from the file's keys (e.g. ``"model.diffusion_model."``); keys outside it are ignored.
+    ``prefix`` is stripped from the file's keys (e.g. ``"model.diffusion_model."``); keys outside it are not
+    loaded and are listed in ``LoadResult.ignored_keys``.
     With ``strict`` (default) any key the model expects but the file lacks, any file key the model lacks, or a
     shape mismatch raises :class:`ComfyFormatError`; otherwise they are returned in the :class:`LoadResult`.
     """
@@ -465,7 +468,9 @@ def load_comfy_into(
     tensors = _read_tensors(ckpt.path, list(plain.values()))
     model.load_state_dict({local: tensors[key] for local, key in plain.items()}, strict=False, assign=True)
     missing = sorted(set(expected) - set(plain) - set(quantized))
-    result = LoadResult(quantized, missing, sorted(unexpected))
+    ignored = sorted(k for k in ckpt.entries if not k.startswith(prefix) and k not in ckpt.consumed)
+    ignored += sorted(name + WEIGHT_SUFFIX for name in ckpt.layers if not name.startswith(prefix))
+    result = LoadResult(quantized, missing, sorted(unexpected), ignored)
     if strict and (result.missing_keys or result.unexpected_keys):
         raise ComfyFormatError(
             f"{where}: checkpoint does not match the model: {len(missing)} missing key(s) "

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from lrq_ao.convert.comfy_format import ComfyFormatError, layer_tensors, metadata_header
-from lrq_ao.convert.reader import read_comfy
-from lrq_ao.primitives import dequantize, format_spec, quantize_rtn
+from lrq_ao.convert.reader import load_comfy, load_comfy_into, read_comfy
+from lrq_ao.primitives import dequantize, format_spec, quantize_rtn, sqnr
 
 ALL_FORMATS = ["fp8", "fp8_row", "fp8_block", "int8", "int8_tensor", "int8_block"]
 
@@ -394,3 +394,159 @@ def test_fuzzed_bytes_of_a_valid_file_only_raise_comfy_format_error(tmp_path, cu
         read_comfy(path)
     except ComfyFormatError as exc:
         assert str(path) in str(exc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# load_comfy / load_comfy_into: lrq_ao tensors and a meta-device model filled from a ComfyUI file
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TinyBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj_in = torch.nn.Linear(96, 64)
+        self.proj_out = torch.nn.Linear(64, 32, bias=False)
+        self.norm = torch.nn.LayerNorm(32)
+
+    def forward(self, x):
+        return self.norm(self.proj_out(torch.nn.functional.gelu(self.proj_in(x))))
+
+
+def _block_file(path, prefix="", formats=("int8", "fp8"), header=True):
+    """A ComfyUI file for TinyBlock; returns a float reference block holding the dequantized weights."""
+    reference = TinyBlock().requires_grad_(False)
+    tensors, markers = {}, {}
+    for layer, fmt in zip(("proj_in", "proj_out"), formats):
+        linear = getattr(reference, layer)
+        spec = format_spec(fmt, 32)
+        qdata, scale, block_size = quantize_rtn(linear.weight, spec)
+        layer_sd, markers[prefix + layer] = layer_tensors(prefix + layer, qdata, scale, spec, orig_dtype=torch.float32)
+        tensors.update(layer_sd)
+        linear.weight.copy_(dequantize(qdata, scale, block_size))
+    for key in ("proj_in.bias", "norm.weight", "norm.bias"):
+        tensors[prefix + key] = reference.state_dict()[key].clone()
+    save_file(tensors, str(path), metadata={"_quantization_metadata": metadata_header(markers)} if header else None)
+    return reference
+
+
+def test_load_comfy_returns_lrq_ao_tensors(tmp_path):
+    from lrq_ao.layouts import Float8Tensor, Int8Tensor
+
+    path = tmp_path / "ours.safetensors"
+    expected = _ours(path)
+    state = load_comfy(path)
+    assert sorted(state) == sorted(
+        [f"{n}.weight" for n in expected] + [f"{n}.bias" for n in expected] + ["norm.weight"]
+    )
+    for name, (qdata, scale, block_size) in expected.items():
+        weight = state[f"{name}.weight"]
+        assert isinstance(weight, Float8Tensor if qdata.dtype == torch.float8_e4m3fn else Int8Tensor)
+        assert weight.dtype == torch.bfloat16 and weight.block_size == block_size  # no orig_dtype: bfloat16
+        assert torch.equal(weight.dequantize(torch.float32), dequantize(qdata, scale, block_size))
+    assert state["norm.weight"].dtype == torch.bfloat16
+    assert load_comfy(path, dtype=torch.float16)["blocks.0.lin.weight"].dtype == torch.float16
+
+
+def test_load_comfy_uses_the_markers_orig_dtype(tmp_path):
+    path = tmp_path / "ref.safetensors"
+    _reference_tool_file(path)
+    state = load_comfy(path)
+    assert state["te.q.weight"].dtype == torch.bfloat16 and state["b.weight"].dtype == torch.float16
+    assert "te.q.input_scale" not in state and "d.weight_scale" not in state and "d.comfy_quant" not in state
+
+
+@pytest.mark.parametrize("formats", [("int8", "fp8"), ("int8_block", "fp8_block"), ("int8_tensor", "fp8_row")])
+def test_load_comfy_into_fills_a_meta_model(tmp_path, formats):
+    path = tmp_path / "block.safetensors"
+    reference = _block_file(path, formats=formats)
+    with torch.device("meta"):
+        model = TinyBlock()
+    result = load_comfy_into(model, path)
+    assert result.quantized == ["proj_in.weight", "proj_out.weight"]
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert not any(t.is_meta for t in model.state_dict().values())
+    assert type(model.proj_in.weight).__name__ in ("Int8Tensor", "Float8Tensor")
+    assert not model.proj_in.weight.requires_grad
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert sqnr(reference(x), model(x)) > 80.0  # weight-only: the same weights, only op order differs
+
+
+def test_load_comfy_into_strips_a_prefix_and_reads_legacy_files(tmp_path):
+    path = tmp_path / "legacy.safetensors"
+    reference = TinyBlock().requires_grad_(False)
+    prefix = "model.diffusion_model."
+    tensors = {prefix + "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn), "cond.weight": torch.ones(3)}
+    for layer in ("proj_in", "proj_out"):
+        linear = getattr(reference, layer)
+        qdata, scale, block_size = quantize_rtn(linear.weight, format_spec("fp8"))
+        tensors[f"{prefix}{layer}.weight"] = qdata
+        tensors[f"{prefix}{layer}.scale_weight"] = scale.reshape(())
+        linear.weight.copy_(dequantize(qdata, scale, block_size))
+    for key in ("proj_in.bias", "norm.weight", "norm.bias"):
+        tensors[prefix + key] = reference.state_dict()[key].clone()
+    save_file(tensors, str(path))
+    with torch.device("meta"):
+        model = TinyBlock()
+    result = load_comfy_into(model, path, prefix=prefix, dtype=torch.float32)
+    assert result.ignored_keys == ["cond.weight"]
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert sqnr(reference(x), model(x)) > 80.0
+
+
+def test_load_comfy_into_reports_key_mismatches(tmp_path):
+    path = tmp_path / "block.safetensors"
+    _block_file(path)
+
+    class Bigger(TinyBlock):
+        def __init__(self):
+            super().__init__()
+            self.extra = torch.nn.Linear(4, 4)
+            del self.norm
+
+    with torch.device("meta"):
+        model = Bigger()
+    with pytest.raises(ComfyFormatError, match=r"2 missing key\(s\).*extra.bias.*2 unexpected key\(s\).*norm.bias"):
+        load_comfy_into(model, path)
+    with torch.device("meta"):
+        model = Bigger()
+    result = load_comfy_into(model, path, strict=False)
+    assert result.missing_keys == ["extra.bias", "extra.weight"]
+    assert result.unexpected_keys == ["norm.bias", "norm.weight"]
+    assert result.quantized == ["proj_in.weight", "proj_out.weight"]
+
+
+def test_load_comfy_into_rejects_shape_mismatch(tmp_path):
+    path = tmp_path / "block.safetensors"
+    _block_file(path)
+    model = TinyBlock()
+    model.proj_out = torch.nn.Linear(64, 16, bias=False)
+    model.norm = torch.nn.LayerNorm(16)
+    with pytest.raises(
+        ComfyFormatError, match=r"'proj_out.weight' has shape \[32, 64\] but the model expects \[16, 64\]"
+    ):
+        load_comfy_into(model, path)
+
+
+def test_load_comfy_into_with_a_wrong_prefix_names_the_prefix(tmp_path):
+    path = tmp_path / "block.safetensors"
+    _block_file(path, prefix="model.diffusion_model.")
+    with torch.device("meta"):
+        model = TinyBlock()
+    with pytest.raises(ComfyFormatError, match="check `prefix`"):
+        load_comfy_into(model, path)
+
+
+@pytest.mark.slow
+def test_loaded_model_runs_under_torch_compile_fullgraph(tmp_path):
+    """The point of reading ComfyUI files back: run them with lrq_ao's tensors under torch.compile."""
+    path = tmp_path / "block.safetensors"
+    reference = _block_file(path, formats=("int8", "fp8"))
+    with torch.device("meta"):
+        model = TinyBlock()
+    load_comfy_into(model, path)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert sqnr(reference(x), compiled(x)) > 80.0
