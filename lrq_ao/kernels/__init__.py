@@ -1,0 +1,33 @@
+"""Triton kernels for lrq_ao's quantized linears and weight quantization.
+
+Importing this package imports neither Triton nor CUDA; each kernel family lives in its own module and is imported
+on first use (``lrq_ao.kernels.backends`` registers them as TRITON linear backends, lazily):
+
+* ``act_quant``: dynamic activation quantization (FP8 / INT8; per tensor, per row, per 1 x block group).
+* ``fp8_linear``: FP8 dynamic linear, ``act_quant`` feeding ``torch._scaled_mm``.
+* ``row_gemm``: per-row W8A8 GEMM (INT8 / FP8) with scales and bias fused in the epilogue.
+* ``block_gemm``: block-wise W8A8 GEMM (INT8 / FP8), rescaled per K block.
+* ``weight_only_gemm``: bf16 activations x INT8 / FP8 weights dequantized inside the GEMM.
+* ``weight_quant``: round-to-nearest weight quantization, bit-identical to ``lrq_ao.primitives``.
+
+Every op is a ``torch.library`` custom op in the ``lrq_ao`` namespace with a fake implementation beside it.
+Its PyTorch reference is ``lrq_ao.layouts.activation`` (activations, emulated linear) and ``lrq_ao.primitives``
+(weights).
+"""
+
+KERNEL_MODULES = (
+    "lrq_ao.kernels.act_quant",
+    "lrq_ao.kernels.fp8_linear",
+    "lrq_ao.kernels.row_gemm",
+    "lrq_ao.kernels.block_gemm",
+    "lrq_ao.kernels.weight_only_gemm",
+    "lrq_ao.kernels.weight_quant",
+)
+
+
+def load_all() -> None:
+    """Import every kernel module (registers all ``lrq_ao::`` kernel ops). Imports Triton."""
+    import importlib
+
+    for name in KERNEL_MODULES:
+        importlib.import_module(name)

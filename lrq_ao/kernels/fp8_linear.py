@@ -1,0 +1,70 @@
+"""Dynamic FP8 linear on cuBLAS: fused Triton activation quantization feeding ``torch._scaled_mm``.
+
+cuBLAS's FP8 GEMM with given scales is the ceiling on Hopper (about 1.8x bf16 on Flux shapes at M=4608); what
+eats into it is quantizing the activation. Here that is one Triton pass per row (``row``) or an amax pass plus a
+cast pass (``tensor``), see ``act_quant``; the bias goes into ``_scaled_mm``'s epilogue.
+
+Weight scales: per tensor ``(1, 1)`` or per row ``(N, 1)``. A per-tensor weight with per-row activations is
+given to cuBLAS as a broadcast ``(1, N)`` row-wise scale (cuBLAS wants both operands of one kind).
+
+Op: ``lrq_ao::fp8_scaled_mm_linear(x, wq, w_scale, act_granularity, bias)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrq_ao.kernels._runtime import check_contiguous_last, check_device
+from lrq_ao.kernels.act_quant import quantize_activation_triton
+from lrq_ao.primitives import FP8_DTYPE
+
+ACT_GRANULARITIES = ("tensor", "row")
+
+
+def scaled_mm_refusal(n: int, k: int) -> str | None:
+    """Why ``torch._scaled_mm`` cannot take a weight of shape ``(n, k)`` (``None`` if it can)."""
+    if n % 16 or k % 16:
+        return f"torch._scaled_mm needs N and K divisible by 16, weight is ({n}, {k})"
+    return None
+
+
+def fp8_scaled_mm_linear(
+    x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, act_granularity: str, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x (M, K)`` quantized per ``act_granularity`` to FP8, times ``wq (N, K)``, scales and bias fused."""
+    name = "lrq_ao::fp8_scaled_mm_linear"
+    check_contiguous_last(name, "x", x)
+    check_contiguous_last(name, "wq", wq)
+    check_device(name, x, wq, w_scale)
+    if wq.dtype != FP8_DTYPE:
+        raise ValueError(f"{name}: wq must be float8_e4m3fn, got {wq.dtype}")
+    if act_granularity not in ACT_GRANULARITIES:
+        raise ValueError(f"{name}: act_granularity must be one of {ACT_GRANULARITIES}, got {act_granularity!r}")
+    n, k = wq.shape
+    reason = scaled_mm_refusal(n, k)
+    if reason is not None:
+        raise ValueError(f"{name}: {reason}")
+    if w_scale.dtype != torch.float32 or w_scale.shape not in ((1, 1), (n, 1)):
+        raise ValueError(f"{name}: w_scale must be float32 (1, 1) or ({n}, 1), got {w_scale.dtype} {w_scale.shape}")
+    xq, x_scale = quantize_activation_triton(x, FP8_DTYPE, act_granularity)
+    if act_granularity == "row" or w_scale.shape[0] != 1:
+        w_scale_b = w_scale.reshape(1, -1).expand(1, n).contiguous()
+        if x_scale.shape[0] == 1 and x.shape[0] != 1:
+            x_scale = x_scale.expand(x.shape[0], 1).contiguous()
+    else:
+        w_scale_b = w_scale
+    bias = bias.to(x.dtype) if bias is not None else None
+    return torch._scaled_mm(xq, wq.t(), x_scale, w_scale_b, bias=bias, out_dtype=x.dtype)
+
+
+@torch.library.custom_op("lrq_ao::fp8_scaled_mm_linear", mutates_args=())
+def fp8_scaled_mm_linear_op(
+    x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, act_granularity: str, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Dynamic FP8 linear: Triton activation quantization + ``torch._scaled_mm``."""
+    return fp8_scaled_mm_linear(x, wq, w_scale, act_granularity, bias)
+
+
+@fp8_scaled_mm_linear_op.register_fake
+def _(x, wq, w_scale, act_granularity, bias):
+    return x.new_empty((x.shape[0], wq.shape[0]))
