@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from lrq_ao.config import OBJECTIVES, OPTIMIZERS, SCHEDULES, LearnedRoundingConfig
+from lrq_ao.config import INITS, OBJECTIVES, OPTIMIZERS, RELAXATIONS, SCHEDULES, LearnedRoundingConfig
 from lrq_ao.convert import comfy_format as cf
 from lrq_ao.convert.plan import (
     FORMAT_ALIASES,
@@ -209,6 +209,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=_DEFAULTS["objective"],
         help="learned-rounding objective (auto: output error with --calib, else SVD subspace)",
     )
+    rnd.add_argument(
+        "--relaxation",
+        choices=RELAXATIONS,
+        default=_DEFAULTS["relaxation"],
+        help="how rounding choices are optimized: greedy coordinate descent (auto), or a gradient relaxation "
+        "(ste, sigmoid, continuous = the reference tool's) driven by --optimizer/--num_iter/--lr",
+    )
+    rnd.add_argument(
+        "--greedy_passes",
+        "--greedy-passes",
+        type=int,
+        default=_DEFAULTS["greedy_passes"],
+        dest="greedy_passes",
+        help="passes of the greedy relaxation",
+    )
+    rnd.add_argument(
+        "--init",
+        choices=INITS,
+        default=_DEFAULTS["init"],
+        help="starting rounding: rtn, or gptq (needs --calib); auto picks gptq with --calib",
+    )
     rnd.add_argument("--optimizer", choices=OPTIMIZERS, default=_DEFAULTS["optimizer"])
     rnd.add_argument(
         "--num_iter",
@@ -218,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="num_iter",
         help="optimization steps per layer",
     )
-    rnd.add_argument("--lr", type=float, default=_DEFAULTS["lr"])
+    rnd.add_argument("--lr", type=float, default=_DEFAULTS["lr"], help="learning rate (default: per relaxation)")
     rnd.add_argument(
         "--lr_schedule", "--lr-schedule", choices=SCHEDULES, default=_DEFAULTS["lr_schedule"], dest="lr_schedule"
     )
@@ -252,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_DEFAULTS["seed"],
         dest="manual_seed",
-        help="seed for learned rounding; each layer derives its own from it (-1 means 0: runs stay "
-        "reproducible so --resume works)",
+        help="seed for learned rounding's random draws (the same for every layer, so a layer's result does not "
+        "depend on the order layers run in; -1, the reference tool's 'random', means 0 so --resume stays exact)",
     )
     rnd.add_argument("--device", default="cpu", help="where weights are quantized: cpu, cuda, cuda:1, ...")
     return p
@@ -273,6 +294,9 @@ def rounding_config_from_args(args: argparse.Namespace) -> LearnedRoundingConfig
     """The one place CLI flags become a ``LearnedRoundingConfig`` (format is set per layer by the plan)."""
     return LearnedRoundingConfig(
         objective="rtn" if args.simple else args.objective,
+        relaxation=args.relaxation,
+        greedy_passes=args.greedy_passes,
+        init=args.init,
         optimizer=args.optimizer,
         num_iter=args.num_iter,
         lr=args.lr,

@@ -6,7 +6,6 @@ run will hand out; ``convert`` drives it over a whole plan with bounded host mem
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import signal
@@ -38,11 +37,6 @@ class RunOptions:
     overwrite: bool = False
     quiet: bool = False
     calibration: Any = None  # lrq_ao.rounding.calibration.Calibration, or None
-
-
-def layer_seed(seed: int, layer: str) -> int:
-    """A per-layer seed that does not depend on the order layers run in (so resumed runs match)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}|{layer}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def chunked_sqnr(w: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int]) -> float:
@@ -80,7 +74,6 @@ def quantize_layer(
 
     t0 = time.perf_counter()
     w = read_tensor(info).to(device)
-    torch.manual_seed(layer_seed(config.seed, tp.layer))
     result = quantize_weight(w, config, name=info.name, stats=stats)
     if getattr(result, "bias_delta", None) is not None:
         raise ValueError(
@@ -99,8 +92,8 @@ def quantize_layer(
         format=tp.format,
         shape=list(info.shape),
         sqnr_db=sqnr_db,
-        objective_before=_float_or_none(rep.get("objective_before")),
-        objective_after=_float_or_none(rep.get("objective_after")),
+        objective_before=_float_or_none(rep.get("objective_rtn")),
+        objective_after=_float_or_none(rep.get("objective_final")),
         seconds=time.perf_counter() - t0,
         fallback=tp.fallback,
         rounding={k: v for k, v in rep.items() if isinstance(v, (int, float, str, bool)) and k != "name"},

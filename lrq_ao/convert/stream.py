@@ -295,7 +295,10 @@ class StreamingWriter:
                     f"{self.partial} does not match this conversion's output layout; delete it or run without --resume"
                 )
         else:
-            self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            except OSError as e:
+                raise OSError(f"cannot create output file {self.partial} ({e.strerror}); choose another -o") from e
             os.ftruncate(self.fd, self.total)
             os.pwrite(self.fd, self.header, 0)
 
