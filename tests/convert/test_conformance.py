@@ -181,3 +181,31 @@ def test_every_format_we_write_reads_back_as_the_independent_dequantization(tmp_
     reference = _independent_dequant(tensors["lin.weight"], tensors["lin.weight_scale"], marker["format"], 32)
     # Products of an 8-bit value and a float32 scale are exact in float64, so one rounding to float32 must agree.
     assert torch.equal(layer.dequantize(torch.float32), reference.float())
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "int8_tensorwise", "int8_tensorwise_tensor"])
+def test_converter_output_loads_through_comfy_kitchen(tmp_path, fmt):
+    """End to end: lrq-convert's own output (round-to-nearest, in process) loads as ComfyUI loads it and
+    dequantizes exactly to what lrq_ao's reader returns."""
+    from lrq_ao.convert.cli import main
+
+    g = torch.Generator().manual_seed(11)
+    source = {
+        "blocks.0.attn.qkv.weight": torch.randn(96, 64, generator=g).to(torch.bfloat16),
+        "blocks.0.attn.qkv.bias": torch.randn(96, generator=g).to(torch.bfloat16),
+        "blocks.0.mlp.fc1.weight": torch.randn(128, 64, generator=g).to(torch.bfloat16),
+        "blocks.0.norm.weight": torch.ones(64, dtype=torch.bfloat16),
+    }
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(source, str(src))
+    with pytest.raises(SystemExit) as info:
+        main(["-i", str(src), "-o", str(out), "--format", fmt, "--simple", "--quiet"])
+    assert info.value.code == 0
+    loaded = _comfyui_load(out, torch.float32)
+    ckpt = read_comfy(out)
+    assert set(loaded) == set(ckpt.layers) == {"blocks.0.attn.qkv", "blocks.0.mlp.fc1"}
+    for layer, weight in loaded.items():
+        ours = ckpt.load_layer(layer).dequantize(torch.float32)
+        assert torch.equal(weight.dequantize(), ours), layer
+        floor = 15.0 if fmt == "int8_tensorwise_tensor" else 25.0  # Gaussian weights: RTN gives ~19 / ~31+ dB
+        assert sqnr(source[f"{layer}.weight"], ours) > floor, layer
