@@ -21,7 +21,7 @@ import torch
 
 from lrq_ao.config import OBJECTIVES, LearnedRoundingConfig
 from lrq_ao.primitives import FORMATS, sqnr
-from lrq_ao.quality.metrics import QualityReport, evaluate, model_bytes
+from lrq_ao.quality.metrics import QualityReport, evaluate, format_table, model_bytes
 from lrq_ao.quality.minilm import MiniLM, encoder_linear_names, load_minilm
 from lrq_ao.quality.texts import Batch, calibrate_on_text, evaluation_batches
 
@@ -139,6 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile-format", default="int8", choices=list(FORMATS), help="format of the compiled run")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled forward")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--per-layer", action="store_true", help="also print every format's per-layer table")
     args = parser.parse_args(argv)
     if args.objective in ("output", "act_svd") and not args.calibrate:
         parser.error(f"--objective {args.objective} needs calibration statistics: add --calibrate")
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> list[DemoRow]:
     calibration = calibrate_on_text(model) if args.calibrate else None
     rows = run_formats(model, args, batches, calibration)
     print()
+    if args.per_layer:
+        for row in rows:
+            print(f"\n{format_table(row.report)}")
     bf16 = bfloat16_reference(model, batches)
     print(format_rows(rows, bf16, model_bytes(model, names) / MB, model_bytes(model) / MB))
     print("(model MB includes the float32 embeddings, 47 MB of it the vocabulary table, which stay unquantized)")

@@ -49,3 +49,32 @@ def test_learned_objectives_that_need_statistics_ask_for_calibration():
 def test_unknown_format_is_rejected():
     with pytest.raises(SystemExit):
         parse_args(["--formats", "int4"])
+
+
+@pytest.mark.slow
+def test_demo_table_matches_the_primitives_reference(capsys):
+    """``main`` quantizes with lrq_ao.quantize_; its numbers must equal the primitives-only RTN reference."""
+    from lrq_ao.demo import main
+    from lrq_ao.quality.baseline import fake_quantize_rtn, rtn_weight_sqnrs
+    from lrq_ao.quality.metrics import evaluate
+    from lrq_ao.quality.minilm import load_minilm
+
+    rows = main(["--formats", "int8", "fp8_block", "--no-compile"])
+    printed = capsys.readouterr().out
+    fp = load_minilm()
+    batches = evaluation_batches(batch_size=16)
+    assert [row.format for row in rows] == ["int8", "fp8_block"]
+    for row in rows:
+        sqnrs = sorted(rtn_weight_sqnrs(fp, row.format).values())
+        assert row.report.min_weight_sqnr == pytest.approx(sqnrs[0], abs=1e-6)
+        assert row.report.median_weight_sqnr == pytest.approx((sqnrs[17] + sqnrs[18]) / 2, abs=1e-6)
+        reference = evaluate(fp, fake_quantize_rtn(fp, row.format), batches)
+        assert row.report.end_to_end_sqnr == pytest.approx(reference.end_to_end_sqnr, abs=0.05)
+        assert f"{row.report.end_to_end_sqnr:13.2f}" in printed
+    # One byte per weight element plus float32 scales: per-row 384 or 1536 scales, 128-blocks 9 or 36.
+    elements = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
+    per_row_scales = 6 * (5 * 384 + 1536)
+    block_scales = 6 * (4 * 9 + 2 * 36)
+    assert rows[0].linear_mb * 1e6 == elements + 4 * per_row_scales
+    assert rows[1].linear_mb * 1e6 == pytest.approx(elements + 4 * block_scales)
+    assert "bfloat16" in printed and "float32" in printed
