@@ -1,0 +1,161 @@
+"""TRITON linear backends, registered with ``lrq_ao.layouts.linear`` (which imports this module lazily).
+
+Importing this module does not import Triton: each backend declares its capability from dtypes, devices, static
+sizes (N, K) and the weight's metadata only (never the batch size M), and the kernel modules are imported the
+first time a backend accepts an input. ``weight.describe(x)`` shows the choice and every refusal.
+
+| backend | weight | activations | kernel | priority |
+| --- | --- | --- | --- | --- |
+| ``triton_fp8_scaled_mm`` | FP8 per-tensor / row | dynamic tensor / row | ``act_quant`` + ``_scaled_mm`` | 120 |
+| ``triton_w8a8_block`` | INT8 / FP8 block b x b | dynamic 1 x b | ``block_gemm`` | 120 |
+| ``triton_w8a8_row`` | INT8 / FP8 per-tensor / per-row | dynamic row (tensor) | ``row_gemm`` | 115 |
+| ``triton_weight_only`` | INT8 / FP8, any layout | bf16 / fp16 | ``weight_only_gemm`` | 105 |
+
+Priorities sit above the TORCH backends (110 for ``_scaled_mm`` / ``_int_mm``, 100 for weight-only) where the
+H100 measurements in ``benchmarks/RESULTS.md`` show the Triton path faster. On CPU the kernels run only through
+Triton's interpreter, only when ``TRITON_INTERPRET=1`` and only for ``kernel='triton'`` (never under ``auto``:
+the interpreter is a test tool, far slower than the TORCH backends).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from lrq_ao.kernels._runtime import fp8_compute_refusal, triton_refusal
+from lrq_ao.layouts.activation import KernelChoice
+from lrq_ao.layouts.linear import LinearBackend, register_linear_backend
+from lrq_ao.primitives import FP8_DTYPE
+
+BLOCKS = (32, 64, 128, 256)
+_ops_loaded = False
+
+
+def _load_ops() -> None:
+    """Import the kernel modules (registers the ``lrq_ao::`` ops). Imports Triton."""
+    global _ops_loaded
+    if not _ops_loaded:
+        importlib.import_module("lrq_ao.kernels").load_all()
+        _ops_loaded = True
+
+
+def _device_refusal(x: torch.Tensor, weight) -> str | None:
+    reason = triton_refusal(x.device)
+    if reason is None and x.device.type == "cpu" and weight.kernel is not KernelChoice.TRITON:
+        reason = "the Triton interpreter runs on CPU only when kernel='triton' is asked for"
+    if reason is None and weight.qdtype == FP8_DTYPE and weight.act.is_dynamic:
+        reason = fp8_compute_refusal(x.device)
+    return reason
+
+
+def _accept(reason: str | None) -> str | None:
+    if reason is None:
+        _load_ops()
+    return reason
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _per_tensor_or_row(weight) -> bool:
+    n, k = weight.shape
+    return tuple(weight.block_size) in ((n, k), (1, k))
+
+
+# ---- FP8 dynamic: Triton activation quantization + cuBLAS ---------------------------------------------------
+
+
+def _fp8_scaled_mm_refusal(x, weight, bias):
+    if weight.qdtype != FP8_DTYPE or not weight.act.is_dynamic:
+        return "only for FP8 weights with dynamic activation quantization"
+    if weight.act.granularity not in ("tensor", "row") or not _per_tensor_or_row(weight):
+        return "takes per-tensor or per-row scales, not block-wise ones"
+    n, k = weight.shape
+    if n % 16 or k % 16:
+        return f"torch._scaled_mm needs N and K divisible by 16, got N={n}, K={k}"
+    rowwise = weight.act.granularity == "row" or weight.block_size[0] == 1
+    if rowwise and x.dtype != torch.bfloat16:
+        return f"row-wise torch._scaled_mm produces bfloat16 only, input is {x.dtype}"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"activations must be bfloat16 or float16, got {x.dtype}"
+    return _accept(_device_refusal(x, weight))
+
+
+def _run_fp8_scaled_mm(x, weight, bias):
+    y = torch.ops.lrq_ao.fp8_scaled_mm_linear(_as_2d(x), weight.qdata, weight.scale, weight.act.granularity, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ---- W8A8 with per-row / per-tensor scales ------------------------------------------------------------------
+
+
+def _w8a8_row_refusal(x, weight, bias):
+    if not weight.act.is_dynamic:
+        return "only for dynamic activation quantization"
+    if weight.act.granularity not in ("row", "tensor") or not _per_tensor_or_row(weight):
+        return "takes per-token / per-tensor activations with a per-row or per-tensor weight"
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"activations must be floating point, got {x.dtype}"
+    return _accept(_device_refusal(x, weight))
+
+
+def _run_w8a8_row(x, weight, bias):
+    scale = weight.scale if weight.block_size[0] == 1 else weight.scale.reshape(1, 1)
+    y = torch.ops.lrq_ao.row_scaled_linear(_as_2d(x), weight.qdata, scale, bias, weight.act.granularity)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ---- W8A8 block-wise ----------------------------------------------------------------------------------------
+
+
+def _w8a8_block_refusal(x, weight, bias):
+    if not weight.act.is_dynamic or weight.act.granularity != "block":
+        return "only for dynamic activation quantization in 1 x block groups"
+    bn, bk = weight.block_size
+    n, k = weight.shape
+    if bn != bk or bk not in BLOCKS or weight.act.block != bk:
+        return f"needs a square weight block in {BLOCKS} equal to the activation block, got {weight.block_size}"
+    if n % bk or k % bk:
+        return f"block {bk} must divide N={n} and K={k}"
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"activations must be floating point, got {x.dtype}"
+    return _accept(_device_refusal(x, weight))
+
+
+def _run_w8a8_block(x, weight, bias):
+    y = torch.ops.lrq_ao.block_scaled_linear(_as_2d(x), weight.qdata, weight.scale, weight.block_size[1], bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ---- weight-only ----------------------------------------------------------------------------------------------
+
+
+def _weight_only_refusal(x, weight, bias):
+    if weight.act.is_dynamic:
+        return "the weight asks for dynamic activation quantization"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"the tensor-core kernel takes bfloat16 / float16 activations, got {x.dtype}"
+    n, k = weight.shape
+    bn, bk = weight.block_size
+    if not _per_tensor_or_row(weight) and not (bn == bk and bn >= 16):
+        return f"needs a per-tensor, per-row or square (>= 16) block layout, got {weight.block_size}"
+    return _accept(_device_refusal(x, weight))
+
+
+def _run_weight_only(x, weight, bias):
+    bn, bk = weight.block_size
+    y = torch.ops.lrq_ao.weight_only_linear(_as_2d(x), weight.qdata, weight.scale, bn, bk, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+BACKENDS = [
+    (LinearBackend("triton_fp8_scaled_mm", KernelChoice.TRITON, _fp8_scaled_mm_refusal, _run_fp8_scaled_mm), 120),
+    (LinearBackend("triton_w8a8_block", KernelChoice.TRITON, _w8a8_block_refusal, _run_w8a8_block), 120),
+    (LinearBackend("triton_w8a8_row", KernelChoice.TRITON, _w8a8_row_refusal, _run_w8a8_row), 115),
+    (LinearBackend("triton_weight_only", KernelChoice.TRITON, _weight_only_refusal, _run_weight_only), 105),
+]
+
+for _backend, _priority in BACKENDS:
+    register_linear_backend(_backend, _priority)
