@@ -20,6 +20,7 @@ subclasses are defined, because torchao copies a parent's op table into a subcla
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, ClassVar
 
 import torch
@@ -85,8 +86,16 @@ class QuantizedWeightTensor(TorchAOBaseTensor):
         act: ActivationMode | None = None,
         kernel: KernelChoice | None = None,
     ):
+        # The wrapper mirrors qdata's strides and offset, so an as_strided replay of a view (torch.compile does
+        # this for outputs that alias inputs) means the same thing on the wrapper as on qdata.
         return torch.Tensor._make_wrapper_subclass(
-            cls, qdata.shape, dtype=dtype, device=qdata.device, requires_grad=False
+            cls,
+            qdata.shape,
+            strides=qdata.stride(),
+            storage_offset=qdata.storage_offset(),
+            dtype=dtype,
+            device=qdata.device,
+            requires_grad=False,
         )
 
     def __init__(
@@ -201,6 +210,13 @@ class QuantizedWeightTensor(TorchAOBaseTensor):
             f"block_size={self.block_size},\n  act={self.act}, kernel={self.kernel}, device={self.device},\n"
             f"  qdata={self.qdata},\n  scale={self.scale})"
         )
+
+    def _stable_hash_for_caching(self) -> str:
+        """Metadata key for torch.compile's AOT autograd cache (values are graph inputs, not part of the key)."""
+        parts = [type(self).__qualname__, self.shape, self.stride(), self.dtype, self.block_size, self.act, self.kernel]
+        for inner in (self.qdata, self.scale):
+            parts += [inner.dtype, inner.shape, inner.stride(), inner.storage_offset(), inner.device.type]
+        return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch.load rebuilds the wrapper without from_qdata: register plug-in backends here too.

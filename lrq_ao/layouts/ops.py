@@ -53,6 +53,28 @@ def _permute(func, types, args, kwargs):
     return return_and_correct_aliasing(func, args, kwargs, transposed(t))
 
 
+@implements([aten.as_strided.default])
+def _as_strided(func, types, args, kwargs):
+    """Only the views lrq_ao itself makes: identity, transpose, and whole-row ranges of either orientation."""
+    t, size, stride = args[0], tuple(args[1]), tuple(args[2])
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset")
+    offset = t.qdata.storage_offset() if offset is None else offset
+    for candidate in (t, transposed(t)):
+        row_stride = candidate.qdata.stride()
+        if stride != tuple(row_stride) or size[1:] != tuple(candidate.shape[1:]):
+            continue
+        shift = offset - candidate.qdata.storage_offset()
+        if shift % row_stride[0] == 0:
+            start = shift // row_stride[0]
+            if start == 0 and size[0] == candidate.shape[0]:
+                return candidate
+            scale, block_size = _rows_scale(candidate, start, start + size[0], "as_strided")
+            return _rebuild(candidate, candidate.qdata[start : start + size[0]], scale, block_size)
+    raise NotImplementedError(
+        f"{func} to size {size}, stride {stride}, offset {offset}: {unsupported_op_message(func, args, kwargs)}"
+    )
+
+
 # ---- view / reshape: only the identity is meaningful for a blocked 2-D layout -------------------------------
 
 
