@@ -202,7 +202,9 @@ def evaluate(
         with _capture_linears(model_q, names, None, q_out):
             y_q = model_q(*batch)
         for name in names:
-            alone = model_q.get_submodule(name)(fp_in[name])
+            linear_q = model_q.get_submodule(name)
+            # The float input, in the quantized layer's activation dtype (a bf16 model takes bf16 inputs).
+            alone = linear_q(fp_in[name].to(linear_q.weight.dtype))
             isolated[name].add(fp_out[name][valid], alone[valid])
             in_context[name].add(fp_out[name][valid], q_out[name][valid])
         final_fp.append(y_fp[valid])
