@@ -4,6 +4,8 @@ Importing this package registers the tensor subclasses (so ``torch.load(weights_
 neither imports Triton nor initializes CUDA: kernels are built lazily on first use.
 """
 
+# lrq_ao.layouts registers Float8Tensor / Int8Tensor and their attribute types with torch.serialization.
+import lrq_ao.layouts  # noqa: F401
 from lrq_ao.config import LearnedRoundingConfig
 from lrq_ao.primitives import FORMATS, FormatSpec, format_spec
 
