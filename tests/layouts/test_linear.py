@@ -1,0 +1,169 @@
+"""Linear backend registry and selection: kernel choice, refusals, priorities, the TORCH backends' arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lrq_ao.layouts import (
+    ActivationMode,
+    Float8Tensor,
+    Int8Tensor,
+    KernelChoice,
+    LinearBackend,
+    emulated_linear,
+    make_weight_tensor,
+    register_linear_backend,
+    registered_backends,
+    select_linear_backend,
+    unregister_linear_backend,
+)
+from lrq_ao.primitives import sqnr
+
+DYNAMIC_ROW = ActivationMode("dynamic", "row")
+
+
+def _w(seed=0, shape=(64, 96)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(torch.bfloat16)
+
+
+def _x(m=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, m, 96, generator=g).to(torch.bfloat16)
+
+
+def _with_kernel(t, kernel):
+    return make_weight_tensor(t.qdata, t.scale, t.block_size, t.dtype, act=t.act, kernel=kernel)
+
+
+def _backend(name: str) -> LinearBackend:
+    return next(b for b in registered_backends() if b.name == name)
+
+
+@pytest.fixture
+def fake_backend():
+    """A high-priority backend registered for one test and removed afterwards."""
+    calls = []
+    state = {"refuse": None}
+
+    def supports(x, weight, bias):
+        return state["refuse"]
+
+    def run(x, weight, bias):
+        calls.append(tuple(x.shape))
+        return emulated_linear(x, weight.qdata, weight.scale, weight.block_size, weight.act, bias)
+
+    register_linear_backend(LinearBackend("test_fake_triton", KernelChoice.TRITON, supports, run), priority=10_000)
+    yield calls, state
+    unregister_linear_backend("test_fake_triton")
+
+
+def test_auto_on_cpu_picks_weight_only_or_emulated():
+    x = _x()
+    wo = Int8Tensor.from_hp(_w(), "row")
+    assert select_linear_backend(x, wo)[0].name == "torch_weight_only"
+    dyn = Float8Tensor.from_hp(_w(), "row", act=DYNAMIC_ROW)
+    backend, refusals = select_linear_backend(x, dyn)
+    assert backend.name == "emulated"
+    reasons = dict(refusals)
+    assert "needs a CUDA device" in reasons["torch_scaled_mm"]
+    assert "dynamic activation" in reasons["torch_weight_only"]
+
+
+def test_explicit_torch_choice_without_usable_backend_lists_refusals():
+    dyn = Int8Tensor.from_hp(_w(), "row", act=DYNAMIC_ROW, kernel="torch")
+    with pytest.raises(RuntimeError, match=r"kind 'torch'.*torch_int_mm: torch\._int_mm needs a CUDA device"):
+        F.linear(_x(), dyn)
+
+
+def test_triton_choice_on_cpu_is_refused_not_silently_replaced():
+    w = Int8Tensor.from_hp(_w(), "row", kernel=KernelChoice.TRITON)
+    with pytest.raises(RuntimeError, match="kind 'triton'"):
+        F.linear(_x(), w)
+
+
+def test_emulated_choice_is_honoured_for_weight_only():
+    w = Int8Tensor.from_hp(_w(), "row", kernel="emulated")
+    x = _x()
+    assert select_linear_backend(x, w)[0].name == "emulated"
+    expected = emulated_linear(x, w.qdata, w.scale, w.block_size, w.act)
+    assert torch.equal(F.linear(x, w), expected)
+
+
+def test_registered_backend_wins_by_priority_and_refusal_falls_through(fake_backend):
+    calls, state = fake_backend
+    w = Int8Tensor.from_hp(_w(), "block", block=32, act=ActivationMode("dynamic", "block", 32))
+    x = _x()
+    F.linear(x, w)
+    assert calls == [(2, 5, 96)]
+    state["refuse"] = "test says no"
+    backend, refusals = select_linear_backend(x, w)
+    assert backend.name == "emulated" and ("test_fake_triton", "test says no") in refusals
+    assert "test_fake_triton refused: test says no" in w.describe(x)
+    with pytest.raises(RuntimeError, match="test_fake_triton: test says no"):
+        F.linear(x, _with_kernel(w, "triton"))
+
+
+def test_selection_does_not_depend_on_batch_size():
+    for t in (Int8Tensor.from_hp(_w(), "row", act=DYNAMIC_ROW), Float8Tensor.from_hp(_w(), "tensor")):
+        names = {select_linear_backend(_x(m), t)[0].name for m in (1, 16, 17, 300)}
+        assert len(names) == 1
+
+
+def test_shape_errors_are_clear():
+    w = Int8Tensor.from_hp(_w(), "row")
+    with pytest.raises(ValueError, match="input has 64 features but the quantized weight expects 96"):
+        F.linear(torch.randn(3, 64, dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match=r"bias must have shape \(64,\)"):
+        F.linear(_x(), w, torch.zeros(8, dtype=torch.bfloat16))
+
+
+def test_quantized_activation_operand_is_rejected():
+    w = Int8Tensor.from_hp(_w(), "row")
+    with pytest.raises(NotImplementedError, match="only supported as the weight"):
+        F.linear(w, w)
+
+
+# The TORCH dynamic backends declare CUDA only, but torch._int_mm and torch._scaled_mm also run on CPU, so their
+# arithmetic (scale layout, M padding, bias) is checked here against the emulated reference.
+
+
+@pytest.mark.parametrize("m", [1, 16, 17])
+def test_int_mm_backend_arithmetic_matches_emulated(m):
+    w = Int8Tensor.from_hp(_w(), "row", act=DYNAMIC_ROW)
+    x, bias = _x(m), _w(2, (64,))
+    y = _backend("torch_int_mm").run(x, w, bias)
+    assert torch.equal(y, emulated_linear(x, w.qdata, w.scale, w.block_size, w.act, bias))
+
+
+@pytest.mark.parametrize("layout,granularity", [("tensor", "tensor"), ("row", "row"), ("tensor", "row")])
+def test_scaled_mm_backend_arithmetic_matches_emulated(layout, granularity):
+    w = Float8Tensor.from_hp(_w(), layout, act=ActivationMode("dynamic", granularity))
+    x, bias = _x(), _w(2, (64,))
+    y = _backend("torch_scaled_mm").run(x, w, bias)
+    expected = emulated_linear(x, w.qdata, w.scale, w.block_size, w.act, bias)
+    assert sqnr(expected.double(), y) >= 45  # same quantized operands; only accumulation order differs
+
+
+def _cuda_capability():
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+
+
+@pytest.mark.skipif(_cuda_capability() < (8, 9), reason="torch._scaled_mm FP8 needs CUDA SM >= 8.9")
+def test_scaled_mm_selected_and_accurate_on_cuda():
+    w = Float8Tensor.from_hp(_w().cuda(), "row", act=DYNAMIC_ROW)
+    x = _x(33).cuda()
+    assert select_linear_backend(x, w)[0].name == "torch_scaled_mm"
+    expected = emulated_linear(x, w.qdata, w.scale, w.block_size, w.act)
+    assert sqnr(expected.double(), F.linear(x, w)) >= 40
+
+
+@pytest.mark.skipif(_cuda_capability() < (7, 5), reason="torch._int_mm needs CUDA")
+def test_int_mm_selected_and_accurate_on_cuda():
+    w = Int8Tensor.from_hp(_w().cuda(), "row", act=DYNAMIC_ROW)
+    x = _x(3).cuda()
+    assert select_linear_backend(x, w)[0].name == "torch_int_mm"
+    expected = emulated_linear(x, w.qdata, w.scale, w.block_size, w.act)
+    assert sqnr(expected.double(), F.linear(x, w)) >= 40
