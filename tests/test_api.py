@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchao
@@ -168,6 +170,22 @@ head          8x32   int8    dynamic/row  rtn        inf      -        -
 2 quantized, 1 skipped
   skipped proj: excluded by filter_fn""",
     )
+
+
+def test_quantized_model_follows_module_to_and_deepcopy():
+    model, x = _model_and_input()
+    quantize_(model, LearnedRoundingConfig(format="int8_block", block_size=32, objective="rtn"))
+    with torch.no_grad():
+        y = model(x)
+        model.to(torch.float16)
+        assert type(model.up.weight) is Int8Tensor and model.up.weight.dtype == torch.float16
+        assert not model.up.weight.requires_grad
+        y16 = model(x.half())
+        assert y16.dtype == torch.float16 and sqnr(y, y16) >= 50
+        clone = copy.deepcopy(model)
+        assert type(clone.up.weight) is Int8Tensor and torch.equal(clone(x.half()), y16)
+        model.to("meta")
+        assert model.up.weight.is_meta and type(model.up.weight) is Int8Tensor
 
 
 def test_torchao_quantize_accepts_the_config():

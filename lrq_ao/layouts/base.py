@@ -179,6 +179,8 @@ class QuantizedWeightTensor(TorchAOBaseTensor):
                 f"{name}: a scale for block_size {block_size} on a ({n}, {k}) weight must have shape {grid}, got "
                 f"{tuple(scale.shape)}; reshape it to the 2-D grid (see lrq_ao.primitives)"
             )
+        if not scale.is_meta and not bool(torch.isfinite(scale).all() and (scale >= 0).all()):
+            raise ValueError(f"{name}: the scale holds NaN, Inf or negative values; the checkpoint is corrupt")
         if scale.device != qdata.device:
             raise ValueError(f"{name}: qdata is on {qdata.device} but scale is on {scale.device}")
         if act is not None and not isinstance(act, ActivationMode):

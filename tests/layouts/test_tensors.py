@@ -84,6 +84,14 @@ def test_from_qdata_validates_dtype_and_scale_shape():
         Int8Tensor.from_qdata(qdata, torch.ones(8, 1), (1, 16), torch.int8)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_from_qdata_rejects_corrupt_scales(bad):
+    scale = torch.ones(8, 1)
+    scale[2, 0] = bad
+    with pytest.raises(ValueError, match="lin.weight: the scale holds NaN, Inf or negative"):
+        Int8Tensor.from_qdata(torch.zeros(8, 16, dtype=torch.int8), scale, (1, 16), torch.bfloat16, name="lin.weight")
+
+
 def test_from_qdata_converts_half_scale_to_float32():
     t = Int8Tensor.from_qdata(torch.ones(4, 8, dtype=torch.int8), torch.full((4, 1), 0.5).half(), (1, 8), torch.float16)
     assert t.scale.dtype == torch.float32
