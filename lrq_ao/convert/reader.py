@@ -15,6 +15,7 @@ Public entry points: :func:`read_comfy` (lazy: parses and validates, returns a :
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import warnings
@@ -295,7 +296,7 @@ def _legacy_markers(ckpt: ComfyCheckpoint, key: str) -> dict[str, tuple[dict[str
     if entry.dtype not in (FP8_DTYPE, torch.float32):
         raise ComfyFormatError(f"{ckpt.path}: tensor {key!r}: legacy marker must be float8_e4m3fn, got {entry.dtype}")
     marker: dict[str, Any] = {"format": "float8_e4m3fn"}
-    if entry.shape and entry.shape[0] == 2:
+    if math.prod(entry.shape) == 2:  # ComfyUI: a 2-element marker asks for full-precision matmul
         marker["full_precision_matrix_mult"] = True
     prefix = key[: -len(LEGACY_MARKER)]
     ckpt.consumed.add(key)

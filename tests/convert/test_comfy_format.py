@@ -150,6 +150,39 @@ def test_marker_bytes_are_golden(name, kwargs, golden):
     assert json.loads(tensor.numpy().tobytes()) == decode_marker(tensor)
 
 
+# Bytes of .comfy_quant tensors in files convert-to-quant 1.3.4 wrote (``--comfy_quant --simple``; runs with
+# ``--full_precision_matrix_mult``, ``--int8 --scaling_mode row``, ``--scaling_mode block --block_size 64``).
+REFERENCE_TOOL_MARKERS = [
+    (
+        "fp8",
+        {"orig_dtype": torch.bfloat16, "full_precision_matrix_mult": True},
+        b'{"format": "float8_e4m3fn", "orig_dtype": "torch.bfloat16", "full_precision_matrix_mult": true}',
+    ),
+    (
+        "int8",
+        {"orig_dtype": torch.bfloat16},
+        b'{"format": "int8_tensorwise", "orig_dtype": "torch.bfloat16", "per_row": true}',
+    ),
+    ("int8_tensor", {"orig_dtype": torch.bfloat16}, b'{"format": "int8_tensorwise", "orig_dtype": "torch.bfloat16"}'),
+    ("fp8_row", {"orig_dtype": torch.bfloat16}, b'{"format": "float8_e4m3fn_rowwise", "orig_dtype": "torch.bfloat16"}'),
+    (
+        "fp8_block",
+        {"orig_dtype": torch.bfloat16},
+        b'{"format": "float8_e4m3fn_blockwise", "orig_dtype": "torch.bfloat16", "group_size": 64}',
+    ),
+    (
+        "int8_block",
+        {"orig_dtype": torch.bfloat16},
+        b'{"format": "int8_blockwise", "orig_dtype": "torch.bfloat16", "group_size": 64}',
+    ),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,golden", REFERENCE_TOOL_MARKERS)
+def test_marker_bytes_match_the_reference_tool(name, kwargs, golden):
+    assert encode_marker(make_marker(format_spec(name, 64), **kwargs)).numpy().tobytes() == golden
+
+
 def test_header_bytes_are_golden_and_entries_equal_markers():
     markers = {
         "double_blocks.0.img_attn.qkv": make_marker(format_spec("fp8"), orig_dtype=torch.bfloat16),

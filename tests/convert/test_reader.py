@@ -96,8 +96,10 @@ def _reference_tool_file(path):
     q, s, _ = quantize_rtn(w, format_spec("int8_block", 32))
     t |= {"d.weight": q, "d.weight_scale": s, "d.input_scale": torch.tensor(1.0)}
     t["d.comfy_quant"] = _marker({"format": "int8_blockwise", "orig_dtype": "torch.bfloat16", "group_size": 32})
+    # The header's entries omit per_row (convert-to-quant builds them separately from the markers).
     header = {
         "te.q": {"format": "float8_e4m3fn", "orig_dtype": "torch.bfloat16"},
+        "c": {"format": "int8_tensorwise", "orig_dtype": "torch.bfloat16"},
         "d": {"format": "int8_blockwise", "orig_dtype": "torch.bfloat16", "group_size": 32},
     }
     save_file(
