@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 IMPORTS = "import lrq_ao; import lrq_ao.layouts; import lrq_ao.api"
 
 BLOCK_TRITON = """
@@ -31,6 +33,7 @@ def _run(script: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch + torchao: ~10 s on 2 shared cores
 def test_import_works_without_triton_and_does_not_initialize_cuda():
     script = BLOCK_TRITON + textwrap.dedent(
         f"""
@@ -48,6 +51,7 @@ def test_import_works_without_triton_and_does_not_initialize_cuda():
     assert _run(script).strip().endswith("ok")
 
 
+@pytest.mark.slow
 def test_import_loads_no_kernel_module_and_does_not_initialize_cuda():
     script = textwrap.dedent(
         f"""
