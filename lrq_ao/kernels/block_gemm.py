@@ -156,6 +156,8 @@ def block_scaled_linear(
     x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, block: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Quantize ``x (M, K)`` in 1 x ``block`` groups to ``wq.dtype`` and run ``block_scaled_gemm``."""
+    if block not in BLOCKS:
+        raise ValueError(f"lrq_ao::block_scaled_linear: block {block} must be one of {BLOCKS}")
     xq, x_scale = quantize_activation_triton(x, wq.dtype, "block", block)
     return block_scaled_gemm(xq, x_scale, wq, w_scale, block, bias, x.dtype)
 

@@ -1,0 +1,86 @@
+"""TRITON linear backends: declared capability, dispatch from the layouts, and torch.compile visibility."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, FP8_COMPUTE, ON_CUDA, scaled_randn
+from torch._inductor.utils import run_and_get_code
+from torch.testing import FileCheck
+
+from lrq_ao.layouts import make_weight_tensor
+from lrq_ao.layouts.activation import activation_mode_for, emulated_linear
+from lrq_ao.primitives import format_spec, quantize_rtn, sqnr
+
+# (format, activation kind) -> the backend that must take it and the op it calls.
+EXPECTED = {
+    ("fp8", "dynamic"): ("triton_fp8_scaled_mm", "fp8_scaled_mm_linear"),
+    ("fp8_row", "dynamic"): ("triton_fp8_scaled_mm", "fp8_scaled_mm_linear"),
+    ("fp8_block", "dynamic"): ("triton_w8a8_block", "block_scaled_linear"),
+    ("int8", "dynamic"): ("triton_w8a8_row", "row_scaled_linear"),
+    ("int8_tensor", "dynamic"): ("triton_w8a8_row", "row_scaled_linear"),
+    ("int8_block", "dynamic"): ("triton_w8a8_block", "block_scaled_linear"),
+}
+EXPECTED.update({(fmt, "weight_only"): ("triton_weight_only", "weight_only_linear") for fmt, _ in list(EXPECTED)})
+SQNR_FLOOR_DB = 37.0  # vs the float32 emulation; bf16 output (and bf16 dequantized weight) rounding ~43-50 dB
+
+
+def _quantized_linear(fmt: str, kind: str, kernel: str = "triton", n: int = 64, k: int = 96):
+    spec = format_spec(fmt, 32)
+    linear = torch.nn.Linear(k, n, bias=True, dtype=torch.bfloat16)
+    q, s, block_size = quantize_rtn(linear.weight.detach(), spec)
+    act = activation_mode_for(kind, spec.qdtype, block_size, (n, k))
+    weight = make_weight_tensor(q, s, block_size, torch.bfloat16, act=act, kernel=kernel)
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return linear.to(DEVICE)
+
+
+def _cases():
+    for (fmt, kind), expected in EXPECTED.items():
+        marks = [] if FP8_COMPUTE or not fmt.startswith("fp8") or kind == "weight_only" else [pytest.mark.skip("SM<89")]
+        yield pytest.param(fmt, kind, *expected, id=f"{fmt}-{kind}", marks=marks)
+
+
+@pytest.mark.parametrize("fmt, kind, backend, op", list(_cases()))
+def test_dispatch_and_output(fmt, kind, backend, op):
+    linear = _quantized_linear(fmt, kind)
+    x = scaled_randn(6, 96).reshape(2, 3, 96)
+    described = linear.weight.describe(x)
+    assert described.splitlines()[0].endswith(f": {backend}"), described
+    y = linear(x)
+    w = linear.weight
+    ref = emulated_linear(x.float(), w.qdata, w.scale, w.block_size, w.act, linear.bias.float())
+    assert y.shape == (2, 3, 64) and y.dtype == torch.bfloat16
+    assert sqnr(ref, y) > SQNR_FLOOR_DB
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the interpreter rule concerns CPU tensors")
+def test_cpu_auto_never_takes_the_interpreter():
+    linear = _quantized_linear("int8", "dynamic", kernel="auto")
+    described = linear.weight.describe(scaled_randn(2, 96))
+    assert "triton_w8a8_row refused: the Triton interpreter runs on CPU only when kernel='triton'" in described
+
+
+def test_refusal_names_the_reason():
+    linear = _quantized_linear("int8_block", "dynamic", n=64, k=96)
+    x = scaled_randn(2, 96, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="activations must be floating point|bfloat16"):
+        F.linear(x, linear.weight, None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fmt, kind, backend, op",
+    [c for c in _cases() if c.id in ("fp8-dynamic", "int8-dynamic", "int8_block-dynamic", "fp8_row-weight_only")],
+)
+def test_compiled_model_calls_our_op_without_graph_break(fmt, kind, backend, op):
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(_quantized_linear(fmt, kind), torch.nn.GELU())
+    x = scaled_randn(5, 96)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    with torch.no_grad():  # the kernels are inference-only (no autograd formula)
+        eager = model(x)
+        out, codes = run_and_get_code(compiled, x)
+    FileCheck().check(f"lrq_ao.{op}").run("\n".join(codes))
+    assert sqnr(eager, out) > 40.0

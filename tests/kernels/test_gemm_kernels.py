@@ -1,0 +1,166 @@
+"""W8A8 (row, block), weight-only and FP8 ``_scaled_mm`` linears against float64 references.
+
+Integer accumulation is checked bit-exact (unit scales, float32 output, sums below 2**24); outputs in bf16 are
+checked by SQNR against the float64 product of the *dequantized* operands, so the only error left is the
+kernel's own (accumulation order, bf16 output rounding, and for weight-only the bf16 dequantized weight):
+the floors below sit ~5 dB under what the float32-accumulating PyTorch emulation reaches on the same inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, ON_CUDA, needs_fp8_compute, scaled_randn
+
+from lrq_ao.kernels.act_quant import quantize_activation_triton
+from lrq_ao.kernels.block_gemm import block_scaled_gemm, block_scaled_linear
+from lrq_ao.kernels.fp8_linear import fp8_scaled_mm_linear
+from lrq_ao.kernels.row_gemm import row_scaled_gemm, row_scaled_linear
+from lrq_ao.kernels.weight_only_gemm import weight_only_linear
+from lrq_ao.layouts.activation import ActivationMode, dequantize_activation
+from lrq_ao.primitives import FP8_DTYPE, FormatSpec, dequantize, quantize_rtn, sqnr
+
+QDTYPES = [pytest.param(torch.int8, id="int8"), pytest.param(FP8_DTYPE, id="fp8", marks=needs_fp8_compute())]
+# (M, N, K): M in {1, 7, 33}; N, K not multiples of the CPU tile (32) for the unblocked kernels.
+SMALL = [(1, 40, 72), (7, 33, 65), (33, 64, 96)]
+REAL = [(16, 3072, 3072), (4608, 3072, 3072), (1024, 3072, 15360), (257, 12288, 3072)] if ON_CUDA else []
+BLOCKED = [(1, 64, 64, 32), (7, 64, 128, 64), (33, 96, 64, 32)]
+REAL_BLOCKED = [(4608, 3072, 3072, 128), (33, 3072, 12288, 128), (100, 4096, 1024, 256)] if ON_CUDA else []
+OUTPUT_SQNR_DB = 40.0  # bf16 output rounding alone gives ~48 dB
+WEIGHT_ONLY_SQNR_DB = 37.0  # plus the bf16 rounding of the dequantized weight
+
+
+def _weight(n: int, k: int, qdtype, granularity: str, block: int = 32, seed: int = 1):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k**0.5
+    q, s, block_size = quantize_rtn(w, FormatSpec(qdtype, granularity, block))
+    return q.to(DEVICE), s.to(DEVICE), block_size
+
+
+def _bias(n: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16).to(DEVICE)
+
+
+def _reference(x_dq: torch.Tensor, w_dq: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x_dq.double() @ w_dq.double().t()
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES)
+@pytest.mark.parametrize("mnk", SMALL, ids=str)
+def test_row_gemm_accumulates_exactly(qdtype, mnk):
+    m, n, k = mnk
+    g = torch.Generator().manual_seed(m)
+    xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    if qdtype == FP8_DTYPE:
+        xq, wq = (xq.float() / 4).to(qdtype), (wq.float() / 4).to(qdtype)
+    one = torch.ones(1, 1, device=DEVICE)
+    out = row_scaled_gemm(xq.to(DEVICE), one, wq.to(DEVICE), one, None, torch.float32)
+    assert torch.equal(out.cpu().double(), xq.double() @ wq.double().t())
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES)
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+@pytest.mark.parametrize("mnk", SMALL[1:] + REAL, ids=str)
+def test_row_scaled_linear(qdtype, granularity, mnk):
+    m, n, k = mnk
+    x = scaled_randn(m, k)
+    wq, ws, block_size = _weight(n, k, qdtype, granularity)
+    bias = _bias(n)
+    y = row_scaled_linear(x, wq, ws, bias, "row")
+    xq, xs = quantize_activation_triton(x, qdtype, "row")
+    ref = _reference(xq.float() * xs, dequantize(wq, ws, block_size), bias)
+    assert y.dtype == x.dtype and y.shape == (m, n)
+    assert sqnr(ref, y) > OUTPUT_SQNR_DB
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES)
+@pytest.mark.parametrize("mnkb", BLOCKED + REAL_BLOCKED, ids=str)
+def test_block_scaled_linear(qdtype, mnkb):
+    m, n, k, block = mnkb
+    x = scaled_randn(m, k)
+    wq, ws, block_size = _weight(n, k, qdtype, "block", block)
+    bias = _bias(n)
+    y = block_scaled_linear(x, wq, ws, block, bias)
+    xq, xs = quantize_activation_triton(x, qdtype, "block", block)
+    x_dq = dequantize_activation(xq, xs, ActivationMode("dynamic", "block", block))
+    ref = _reference(x_dq, dequantize(wq, ws, block_size), bias)
+    assert sqnr(ref, y) > OUTPUT_SQNR_DB
+
+
+def test_block_gemm_accumulates_each_block_exactly():
+    """Unit scales and small integers: every per-block int32 partial and their float32 sum are exact."""
+    g = torch.Generator().manual_seed(0)
+    xq = torch.randint(-15, 16, (33, 64), generator=g, dtype=torch.int8)
+    wq = torch.randint(-15, 16, (64, 64), generator=g, dtype=torch.int8)
+    ones_x, ones_w = torch.ones(33, 2, device=DEVICE), torch.ones(2, 2, device=DEVICE)
+    out = block_scaled_gemm(xq.to(DEVICE), ones_x, wq.to(DEVICE), ones_w, 32, None, torch.float32)
+    assert torch.equal(out.cpu().double(), xq.double() @ wq.double().t())
+
+
+@pytest.mark.parametrize("qdtype", [torch.int8, FP8_DTYPE], ids=["int8", "fp8"])
+@pytest.mark.parametrize(
+    "case", [((1, 40, 72), "row"), ((7, 33, 65), "tensor"), ((33, 64, 96), "block")] + [(s, "row") for s in REAL]
+)
+def test_weight_only_linear(qdtype, case):
+    (m, n, k), granularity = case
+    x = scaled_randn(m, k)
+    wq, ws, block_size = _weight(n, k, qdtype, granularity)
+    bias = _bias(n)
+    y = weight_only_linear(x, wq, ws, block_size, bias)
+    ref = _reference(x, dequantize(wq, ws, block_size), bias)
+    assert sqnr(ref, y) > WEIGHT_ONLY_SQNR_DB
+
+
+@needs_fp8_compute()
+@pytest.mark.parametrize("weight_gran, act_gran", [("tensor", "tensor"), ("tensor", "row"), ("row", "row")])
+@pytest.mark.parametrize("mnk", [(7, 48, 64)] + REAL[:2], ids=str)
+def test_fp8_scaled_mm_linear(weight_gran, act_gran, mnk):
+    m, n, k = mnk
+    x = scaled_randn(m, k)
+    wq, ws, block_size = _weight(n, k, FP8_DTYPE, weight_gran)
+    bias = _bias(n)
+    y = fp8_scaled_mm_linear(x, wq, ws, act_gran, bias)
+    xq, xs = quantize_activation_triton(x, FP8_DTYPE, act_gran)
+    assert sqnr(_reference(xq.float() * xs, dequantize(wq, ws, block_size), bias), y) > OUTPUT_SQNR_DB
+
+
+def test_errors_name_the_problem():
+    wq, ws, block_size = _weight(64, 64, torch.int8, "block")
+    with pytest.raises(ValueError, match="block 48 must be one of"):
+        block_scaled_linear(scaled_randn(2, 64), wq, ws, 48, None)
+    with pytest.raises(ValueError, match="x has K=32 but wq has K=64"):
+        weight_only_linear(scaled_randn(2, 32), wq, ws, block_size, None)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        weight_only_linear(scaled_randn(2, 64, dtype=torch.float32), wq, ws, block_size, None)
+
+
+def test_opcheck_gemm_ops():
+    x = scaled_randn(5, 64)
+    bias = _bias(64)
+    wq, ws, _ = _weight(64, 64, torch.int8, "row")
+    wb, wbs, _ = _weight(64, 64, torch.int8, "block")
+    xq, xs = quantize_activation_triton(x, torch.int8, "row")
+    ops = torch.ops.lrq_ao
+    checks = [
+        (ops.row_scaled_gemm.default, (xq, xs, wq, ws, bias, "bfloat16")),
+        (ops.row_scaled_linear.default, (x, wq, ws, None, "row")),
+        (ops.block_scaled_linear.default, (x, wb, wbs, 32, bias)),
+        (ops.weight_only_linear.default, (x, wq, ws, 1, 64, bias)),
+    ]
+    xbq, xbs = quantize_activation_triton(x, torch.int8, "block", 32)
+    checks.append((ops.block_scaled_gemm.default, (xbq, xbs, wb, wbs, 32, None, "float32")))
+    for op, args in checks:
+        torch.library.opcheck(op, args)
+
+
+@needs_fp8_compute()
+def test_opcheck_fp8_op():
+    x = scaled_randn(5, 64)
+    wf, wfs, _ = _weight(64, 64, FP8_DTYPE, "row")
+    args = (x, wf, wfs, "row", _bias(64))
+    # opcheck's schema test compares inputs with float ops that CPU torch lacks for float8 tensors.
+    utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    if ON_CUDA:
+        utils = ("test_schema", *utils)
+    torch.library.opcheck(torch.ops.lrq_ao.fp8_scaled_mm_linear.default, args, test_utils=utils)
