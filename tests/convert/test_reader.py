@@ -351,16 +351,27 @@ keys = st.sampled_from(
 )
 
 
+quant_metadata = st.builds(
+    lambda layers, version: json.dumps({"format_version": version, "layers": layers}),
+    st.dictionaries(st.sampled_from(["blk.lin", "blk.lin.weight", "other"]), markers, max_size=2) | json_values,
+    st.sampled_from(["1.0", "1.1", "2.0"]) | json_values,
+)
+file_metadata = st.one_of(
+    st.fixed_dictionaries({"_quantization_metadata": quant_metadata | st.text(max_size=12)}),
+    json_values,
+)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    header=st.dictionaries(keys, entries, max_size=4),
-    layers=st.dictionaries(st.sampled_from(["blk.lin", "blk.lin.weight", "other"]), markers, max_size=2) | json_values,
+    header=st.dictionaries(keys, entries, max_size=4) | json_values,
+    metadata=file_metadata,
     data=st.binary(max_size=64),
     tail=st.integers(0, 12000),
 )
-def test_fuzzed_headers_and_metadata_only_raise_comfy_format_error(tmp_path, header, layers, data, tail):
-    header = dict(header)
-    header["__metadata__"] = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+def test_fuzzed_headers_and_metadata_only_raise_comfy_format_error(tmp_path, header, metadata, data, tail):
+    if isinstance(header, dict):
+        header = {**header, "__metadata__": metadata}
     path = tmp_path / "fuzz.safetensors"
     _raw_file(path, json.dumps(header).encode(), data + bytes(tail))
     try:
