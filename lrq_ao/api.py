@@ -132,18 +132,26 @@ def quantize_(model: nn.Module, config: LearnedRoundingConfig, filter_fn: Filter
     from lrq_ao.rounding import stats_for
 
     report = QuantizationReport()
+    quantized: dict[int, tuple[str, nn.Parameter]] = {}  # id(original weight) -> (first layer, new parameter)
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
         if filter_fn is not None and not filter_fn(module, name):
             report.skipped.append((name, "excluded by filter_fn"))
             continue
+        if id(module.weight) in quantized:  # a tied weight is quantized once and stays tied
+            first, parameter = quantized[id(module.weight)]
+            module.weight = parameter
+            report.skipped.append((name, f"shares its weight with {first}, quantized there"))
+            continue
+        original = module.weight
         reason = skip_reason(module, config)
         if reason is not None:
             report.skipped.append((name, reason))
             continue
         stats = stats_for(config.calibration, name, module)
         report.layers.append(quantize_module(module, config, name, stats))
+        quantized[id(original)] = (name, module.weight)
     return report
 
 

@@ -78,6 +78,16 @@ def test_filter_fn_exclusions_are_reported():
     assert all("already quantized" in reason for _, reason in again.skipped)
 
 
+def test_tied_weight_is_quantized_once_and_stays_tied():
+    first, second = nn.Linear(32, 32), nn.Linear(32, 32)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.ReLU(), second)
+    report = quantize_(model, LearnedRoundingConfig(format="int8", objective="rtn"))
+    assert [layer["name"] for layer in report.layers] == ["0"]
+    assert report.skipped == [("2", "shares its weight with 0, quantized there")]
+    assert model[2].weight is model[0].weight and type(model[0].weight) is Int8Tensor
+
+
 def test_nan_weight_raises_naming_layer():
     model, _ = _model_and_input()
     with torch.no_grad():
