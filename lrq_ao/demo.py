@@ -8,6 +8,8 @@ forward under ``torch.compile(fullgraph=True)`` and is checked against its eager
     python -m lrq_ao.demo                                # round-to-nearest, all six formats (CPU: ~1 minute)
     python -m lrq_ao.demo --objective svd --num-iter 100 # learned rounding without calibration data
     python -m lrq_ao.demo --objective output --calibrate # learned rounding on calibration text statistics
+
+With an objective other than ``rtn`` the table adds the round-to-nearest end-to-end SQNR for comparison.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from lrq_ao.config import OBJECTIVES, LearnedRoundingConfig
 from lrq_ao.primitives import FORMATS, sqnr
+from lrq_ao.quality.baseline import fake_quantize_rtn
 from lrq_ao.quality.metrics import QualityReport, evaluate, format_table, model_bytes
 from lrq_ao.quality.minilm import MiniLM, encoder_linear_names, load_minilm
 from lrq_ao.quality.texts import Batch, calibrate_on_text, evaluation_batches
@@ -36,6 +39,7 @@ class DemoRow:
     model_mb: float
     seconds: float
     model: MiniLM
+    rtn_end_to_end_sqnr: float | None = None  # the round-to-nearest baseline, when another objective ran
 
 
 def quantize_copy(model: MiniLM, config: LearnedRoundingConfig) -> tuple[MiniLM, float]:
@@ -58,7 +62,10 @@ def run_formats(model: MiniLM, args: argparse.Namespace, batches: list[Batch], c
         quantized, seconds = quantize_copy(model, config)
         report = evaluate(model, quantized, batches, label=fmt)
         linear_mb, model_mb = model_bytes(quantized, names) / MB, model_bytes(quantized) / MB
-        rows.append(DemoRow(fmt, report, linear_mb, model_mb, seconds, quantized))
+        rtn = None
+        if args.objective != "rtn":
+            rtn = evaluate(model, fake_quantize_rtn(model, fmt), batches).end_to_end_sqnr
+        rows.append(DemoRow(fmt, report, linear_mb, model_mb, seconds, quantized, rtn))
         print(f"  {fmt:<12} quantized in {seconds:5.1f} s", flush=True)
     return rows
 
@@ -78,6 +85,9 @@ def format_rows(rows: list[DemoRow], bf16: QualityReport, fp32_linear_mb: float,
         f"{'format':<12} {'weight dB (median)':>18} {'(min)':>7} {'end-to-end dB':>13} {'linears MB':>10} "
         f"{'model MB':>9} {'quantize s':>10}"
     )
+    with_rtn = any(row.rtn_end_to_end_sqnr is not None for row in rows)
+    if with_rtn:
+        header += f" {'RTN end-to-end dB':>17}"
     lines = [header, "-" * len(header)]
     lines.append(f"{'float32':<12} {'inf':>18} {'inf':>7} {'inf':>13} {fp32_linear_mb:10.2f} {fp32_model_mb:9.2f}")
     lines.append(
@@ -89,6 +99,7 @@ def format_rows(rows: list[DemoRow], bf16: QualityReport, fp32_linear_mb: float,
         lines.append(
             f"{row.format:<12} {r.median_weight_sqnr:18.2f} {r.min_weight_sqnr:7.2f} {r.end_to_end_sqnr:13.2f} "
             f"{row.linear_mb:10.2f} {row.model_mb:9.2f} {row.seconds:10.1f}"
+            + (f" {row.rtn_end_to_end_sqnr:17.2f}" if with_rtn else "")
         )
     return "\n".join(lines)
 
@@ -158,11 +169,11 @@ def main(argv: list[str] | None = None) -> list[DemoRow]:
     )
     calibration = calibrate_on_text(model) if args.calibrate else None
     rows = run_formats(model, args, batches, calibration)
-    print()
     if args.per_layer:
         for row in rows:
             print(f"\n{format_table(row.report)}")
     bf16 = bfloat16_reference(model, batches)
+    print()
     print(format_rows(rows, bf16, model_bytes(model, names) / MB, model_bytes(model) / MB))
     print("(model MB includes the float32 embeddings, 47 MB of it the vocabulary table, which stay unquantized)")
     if not args.no_compile:

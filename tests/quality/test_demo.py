@@ -78,3 +78,16 @@ def test_demo_table_matches_the_primitives_reference(capsys):
     assert rows[0].linear_mb * 1e6 == elements + 4 * per_row_scales
     assert rows[1].linear_mb * 1e6 == pytest.approx(elements + 4 * block_scales)
     assert "bfloat16" in printed and "float32" in printed
+
+
+def test_table_adds_the_rtn_column_only_for_other_objectives():
+    from lrq_ao.demo import DemoRow, format_rows
+    from lrq_ao.quality.metrics import LayerQuality, QualityReport
+
+    layers = [LayerQuality("encoder.layer.0.output.dense", (384, 1536), 30.0 + i, 40.0, 35.0) for i in range(3)]
+    report = QualityReport(layers, end_to_end_sqnr=27.5, num_tokens=10)
+    bf16 = QualityReport(layers, end_to_end_sqnr=49.0, num_tokens=10)
+    plain = format_rows([DemoRow("fp8", report, 10.6, 58.4, 1.0, None)], bf16, 42.5, 90.3)
+    assert "RTN" not in plain and "fp8" in plain and "27.50" in plain and "31.00" in plain
+    compared = format_rows([DemoRow("fp8", report, 10.6, 58.4, 1.0, None, 25.12)], bf16, 42.5, 90.3)
+    assert "RTN end-to-end dB" in compared.splitlines()[0] and compared.splitlines()[-1].endswith("25.12")
