@@ -19,6 +19,8 @@ CONFIG_VERSION = 1
 
 OBJECTIVES = ("auto", "rtn", "svd", "output", "act_svd")
 OPTIMIZERS = ("original", "adamw", "radam", "prodigy")
+RELAXATIONS = ("auto", "greedy", "ste", "sigmoid", "continuous")
+INITS = ("auto", "rtn", "gptq")
 SCHEDULES = ("none", "plateau", "exponential", "cosine")
 ACTIVATIONS = ("weight_only", "dynamic")
 KERNELS = ("auto", "torch", "emulated", "triton")
@@ -45,8 +47,16 @@ class LearnedRoundingConfig(AOBaseConfig):
       objective: ``rtn`` (round-to-nearest), ``svd`` (the reference: truncated SVD of W, minimize
         ``‖U_kᵀ (W_dq − W) V_k‖``), ``output`` (layer-output error on calibration activations), ``act_svd``
         (subspace from the activations' SVD), or ``auto`` (``output`` when calibration is given, else ``svd``).
-      top_p, min_k, max_k: rank rule for the SVD objectives.
-      optimizer, lr, lr_schedule, num_iter, check_every, patience: the optimization loop.
+      top_p, min_k, max_k: rank rule for the SVD objectives (the reference tool's defaults 0.2 / 256 / 1280).
+      init: starting point, ``rtn`` or ``gptq`` (GPTQ error feedback with the fixed scales; needs calibration),
+        ``auto``: ``gptq`` for the calibration-aware objectives, else ``rtn``.
+      damp, act_order: GPTQ's damping (fraction of mean(diag H)) and activation order.
+      relaxation: how the per-element choice between grid neighbours is optimized: ``greedy`` (exact coordinate
+        descent, ``greedy_passes`` sweeps), ``ste`` (straight-through), ``sigmoid`` (AdaRound-style annealed),
+        ``continuous`` (the reference tool: free offset, re-rounded at the end), ``auto`` = ``greedy``.
+      optimizer, lr, lr_schedule, num_iter, check_every, patience: the gradient loop (``ste``/``sigmoid``/
+        ``continuous``); ``lr`` None picks a per-relaxation default (grid units).
+      fallback_to_rtn: keep round-to-nearest when the result is not better on the objective.
       seed: makes the rounding deterministic.
       calibration: statistics from ``lrq_ao.calibrate`` (not serialized).
       bias_correction: ``b ← b − (W_dq − W)·μ_x`` with the calibrated input mean.
@@ -58,15 +68,24 @@ class LearnedRoundingConfig(AOBaseConfig):
     activation: str = "weight_only"
     kernel: str = "auto"
     objective: str = "auto"
-    top_p: float = 0.01
-    min_k: int = 1
-    max_k: int = 16
-    optimizer: str = "original"
-    lr: float = 1e-2
+    top_p: float = 0.2
+    min_k: int = 256
+    max_k: int = 1280
+    init: str = "auto"
+    damp: float = 0.01
+    objective_damp: float = 0.0
+    shrinkage: float = 0.0
+    neighbours_only: bool = False
+    act_order: bool = True
+    relaxation: str = "auto"
+    greedy_passes: int = 2
+    optimizer: str = "adamw"
+    lr: float | None = None
     lr_schedule: str = "plateau"
     num_iter: int = 500
-    check_every: int = 50
+    check_every: int = 25
     patience: int = 4
+    fallback_to_rtn: bool = True
     seed: int = 0
     bias_correction: bool = False
     device: str | None = None
@@ -82,6 +101,12 @@ class LearnedRoundingConfig(AOBaseConfig):
         _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("relaxation", self.relaxation, RELAXATIONS)
+        _check_choice("init", self.init, INITS)
+        if self.greedy_passes < 0:
+            raise ValueError(f"LearnedRoundingConfig.greedy_passes must be >= 0, got {self.greedy_passes}")
+        if not 0.0 < self.damp <= 10.0:
+            raise ValueError(f"LearnedRoundingConfig.damp must be in (0, 10], got {self.damp}")
         _check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"LearnedRoundingConfig.top_p must be in [0, 1], got {self.top_p}")
@@ -89,7 +114,7 @@ class LearnedRoundingConfig(AOBaseConfig):
             raise ValueError(f"need 1 <= min_k <= max_k, got min_k={self.min_k}, max_k={self.max_k}")
         if self.num_iter < 0 or self.check_every < 1 or self.patience < 1:
             raise ValueError("num_iter must be >= 0, check_every and patience >= 1")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ValueError(f"LearnedRoundingConfig.lr must be positive, got {self.lr}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is not supported; this lrq_ao reads {CONFIG_VERSION}")

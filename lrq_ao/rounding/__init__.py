@@ -1,35 +1,209 @@
-"""Choosing the rounding of a weight: round-to-nearest or learned rounding under an objective.
+"""Choosing the rounding of a weight with fixed scales: round-to-nearest, or learned rounding under an objective.
 
-``quantize_weight`` is the single entry point the API (``quantize_``) and the converter call.
+``quantize_weight`` is the single entry point the API (``quantize_``) and the converter call. The scales are
+always the round-to-nearest scales of ``primitives.compute_scale``; only the per-element choice of grid value
+changes. Pipeline (all on ``config.device`` or the weight's device):
+
+1. round-to-nearest (exactly ``primitives.quantize_rtn``);
+2. the objective (``svd``, ``output``, ``act_svd``; see ``objectives.py``);
+3. the start (RTN, or GPTQ error feedback for calibration-aware objectives; the better of the two is kept);
+4. the relaxation (``greedy`` coordinate descent, or the gradient loop with ``ste`` / ``sigmoid`` /
+   ``continuous``);
+5. RTN is kept if the result is not strictly better on the objective (``fallback_to_rtn``), and reported.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from lrq_ao.config import LearnedRoundingConfig
-from lrq_ao.primitives import quantize_rtn
+from lrq_ao.primitives import dequantize, quantize_rtn, sqnr
+from lrq_ao.rounding.calibration import Calibration, LinearStats, calibrate, stats_for
+from lrq_ao.rounding.gptq import gptq_indices
+from lrq_ao.rounding.greedy import greedy_refine
+from lrq_ao.rounding.grid import Grid, full_scale
+from lrq_ao.rounding.loop import LoopSettings, default_lr, optimize_rounding
+from lrq_ao.rounding.objectives import Objective, act_svd_objective, output_objective, svd_objective
+
+__all__ = [
+    "Calibration",
+    "LinearStats",
+    "RoundedWeight",
+    "calibrate",
+    "quantize_weight",
+    "resolve_method",
+    "stats_for",
+]
 
 
 @dataclass
 class RoundedWeight:
     """A weight quantized with fixed scales: ``qdata`` (int8 or float8_e4m3fn, shape (N, K)), float32 ``scale``
-    grid ``(N // bn, K // bk)``, the ``block_size`` (bn, bk), and a per-layer ``report`` dict."""
+    grid ``(N // bn, K // bk)``, the ``block_size`` (bn, bk), a per-layer ``report`` dict, and ``bias_delta``
+    ``(W_dq − W)·E[x]`` (N,) when bias correction was asked for (the caller sets ``bias ← bias − bias_delta``)."""
 
     qdata: torch.Tensor
     scale: torch.Tensor
     block_size: tuple[int, int]
     report: dict = field(default_factory=dict)
+    bias_delta: torch.Tensor | None = None
+
+
+def resolve_method(config: LearnedRoundingConfig, has_stats: bool) -> tuple[str, str, str]:
+    """``(objective, init, relaxation)`` after resolving ``auto``."""
+    objective = config.objective
+    if objective == "auto":
+        objective = "output" if has_stats else "svd"
+    init = config.init
+    if init == "auto":
+        init = "gptq" if objective in ("output", "act_svd") else "rtn"
+    relaxation = "greedy" if config.relaxation == "auto" else config.relaxation
+    return objective, init, relaxation
+
+
+def _build_objective(objective: str, w: torch.Tensor, stats: LinearStats | None, cfg, name: str) -> Objective:
+    if objective == "svd":
+        return svd_objective(w, cfg.top_p, cfg.min_k, cfg.max_k)
+    if stats is None:
+        raise ValueError(
+            f"objective {objective!r} for layer {name!r} needs calibration statistics, but none were given for it: "
+            f"run lrq_ao.calibrate(model) over real inputs and pass calibration=..., or use objective='svd'"
+        )
+    h = shrunk_h(stats.h.to(device=w.device, dtype=torch.float32), cfg.shrinkage)
+    if h.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"calibration statistics for {name!r} are {tuple(h.shape)}, expected K×K with K={w.shape[1]}")
+    if objective == "output":
+        return output_objective(h, cfg.objective_damp)
+    return act_svd_objective(h, cfg.top_p, cfg.min_k, cfg.max_k)
+
+
+def shrunk_h(h: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``(1 − α)·H + α·diag(H)``: shrink the calibration second moment towards its diagonal.
+
+    A few thousand calibration tokens estimate the K² off-diagonal entries of ``H`` poorly; rounding that trusts them
+    fully fits the calibration text (see DEVELOPMENT.md "Learned rounding"). ``α = 1`` makes the objective
+    separable, whose optimum is round-to-nearest; ``α = 0`` is plain GPTQ.
+    """
+    if alpha <= 0:
+        return h
+    return (1 - alpha) * h + alpha * torch.diag(h.diagonal())
 
 
 def quantize_weight(
-    weight: torch.Tensor, config: LearnedRoundingConfig, *, name: str = "weight", stats=None
+    weight: torch.Tensor, config: LearnedRoundingConfig, *, name: str = "weight", stats: LinearStats | None = None
 ) -> RoundedWeight:
     """Quantize one 2-D weight as ``config`` says. ``stats`` are the layer's calibration statistics, if any.
 
-    Raises ``ValueError`` naming ``name`` for NaN/Inf, a non-2-D weight, or a shape the block layout cannot tile.
+    Returns a ``RoundedWeight`` on the weight's device. Raises ``ValueError`` naming ``name`` for NaN/Inf, a
+    non-2-D weight, a shape the block layout cannot tile, or a calibration-aware objective without statistics.
     """
-    qdata, scale, block_size = quantize_rtn(weight, config.spec, name)
-    return RoundedWeight(qdata, scale, block_size, {"name": name, "objective": "rtn"})
+    t0 = time.perf_counter()
+    spec = config.spec
+    qdata, scale, block_size = quantize_rtn(weight, spec, name)
+    objective, init, relaxation = resolve_method(config, stats is not None)
+    report = {"name": name, "format": config.format, "objective": objective, "shape": tuple(weight.shape)}
+    w_cpu_dev = weight.device
+    dev = torch.device(config.device) if config.device is not None else weight.device
+    w = weight.detach().to(device=dev, dtype=torch.float32)
+    skip = objective == "rtn" or not bool(w.any())  # an all-zero weight quantizes to zeros exactly
+    if skip:
+        w_dq = dequantize(qdata.to(dev), scale.to(dev), block_size)
+        report.update(weight_sqnr_db=sqnr(w, w_dq), objective_rtn=None, objective_final=None, kept_rtn=True)
+        report.update(moved_fraction=0.0, init="rtn", relaxation="none", seconds=time.perf_counter() - t0)
+        return RoundedWeight(qdata, scale, block_size, report, _bias_delta(config, stats, w_dq - w, dev, w_cpu_dev))
+
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(config.seed)  # svd_lowrank and the relaxations draw random numbers
+        return _learned_rounding(w, qdata, scale, block_size, config, objective, init, relaxation, stats, report, t0)
+
+
+def _learned_rounding(w, qdata, scale, block_size, config, objective, init, relaxation, stats, report, t0):
+    dev, out_device = w.device, qdata.device
+    grid = Grid(config.spec.qdtype, dev)
+    s_full = full_scale(scale.to(dev), block_size)
+    obj = _build_objective(objective, w, stats, config, report["name"])
+    idx_rtn = grid.rtn_index(w, scale.to(dev), block_size)
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        return obj.loss(grid.values[idx] * s_full - w)
+
+    with torch.no_grad():
+        loss_rtn = loss_of(idx_rtn)
+        idx = idx_rtn
+        if init == "gptq":
+            if stats is None:
+                raise ValueError(f"init='gptq' for layer {report['name']!r} needs calibration statistics")
+            h = shrunk_h(stats.h.to(device=dev, dtype=torch.float32), config.shrinkage)
+            idx_g = gptq_indices(
+                w, s_full, grid, h, damp=config.damp, act_order=config.act_order, neighbours_only=config.neighbours_only
+            )
+            loss_g = loss_of(idx_g)
+            report["objective_gptq"] = float(loss_g)
+            if loss_g < loss_rtn:
+                idx = idx_g
+        if relaxation == "greedy":
+            if config.greedy_passes > 0:
+                idx = greedy_refine(
+                    idx, w, s_full, grid, obj, passes=config.greedy_passes, neighbours_only=config.neighbours_only
+                )
+            steps = config.greedy_passes
+    if relaxation != "greedy":
+        lr = config.lr if config.lr is not None else default_lr(relaxation, config.optimizer)
+        settings = LoopSettings(
+            relaxation, config.optimizer, lr, config.lr_schedule, config.num_iter, config.check_every, config.patience
+        )
+        idx, info = optimize_rounding(idx, w, s_full, grid, obj, settings)
+        steps = info["steps"]
+
+    with torch.no_grad():
+        loss_final = loss_of(idx)
+        kept_rtn = config.fallback_to_rtn and not bool(loss_final < loss_rtn)
+        if kept_rtn:
+            idx, loss_final = idx_rtn, loss_rtn
+            q_out = qdata
+        else:
+            q_out = grid.to_qdata(idx).to(out_device)
+        moved = float((idx != idx_rtn).float().mean())
+        w_dq = grid.values[idx] * s_full
+    report.update(
+        weight_sqnr_db=sqnr(w, w_dq),
+        objective_rtn=float(loss_rtn),
+        objective_final=float(loss_final),
+        moved_fraction=moved,
+        kept_rtn=kept_rtn,
+        init=init,
+        relaxation=relaxation,
+        optimizer=config.optimizer if relaxation != "greedy" else "none",
+        steps=steps,
+        rank=obj.rank,
+    )
+    if objective in ("output", "act_svd") and stats is not None:
+        report["output_sqnr_db"] = _output_sqnr(w, w_dq, stats.h.to(dev))
+    bias_delta = _bias_delta(config, stats, w_dq - w, dev, out_device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    report["seconds"] = time.perf_counter() - t0
+    return RoundedWeight(q_out, scale, block_size, report, bias_delta)
+
+
+def _output_sqnr(w: torch.Tensor, w_dq: torch.Tensor, h: torch.Tensor) -> float:
+    """Output SQNR on the calibration inputs: ``10 log10(tr(W H Wᵀ) / tr(E H Eᵀ))``."""
+    e = w_dq - w
+    sig = float(((w @ h) * w).sum())
+    err = float(((e @ h) * e).sum())
+    return float("inf") if err <= 0 else 10.0 * torch.log10(torch.tensor(sig / err)).item()
+
+
+def _bias_delta(config, stats, err, dev, out_device) -> torch.Tensor | None:
+    """``(W_dq − W) · E[x]``: the mean output shift the rounding causes, which the caller subtracts from the bias."""
+    if not config.bias_correction:
+        return None
+    if stats is None:
+        raise ValueError(
+            "bias_correction=True needs calibration statistics (the real input mean); run lrq_ao.calibrate first "
+            "or turn bias_correction off"
+        )
+    return (err @ stats.mean.to(device=dev, dtype=torch.float32)).to(out_device)

@@ -1,0 +1,205 @@
+"""Calibration: per-linear input statistics captured from real data.
+
+    with lrq_ao.calibrate(model) as calib:
+        for batch in batches:
+            model(**batch)
+    calib.save("stats.safetensors")          # for the converter: lrq-convert ... --calib stats.safetensors
+
+For every ``nn.Linear`` we keep the running second moment ``H = E[x xᵀ]`` (K × K, float32), the mean ``E[x]``
+and the number of input rows. Linears that read the *same tensor* in a forward pass (q/k/v projections) share one
+accumulator — detected by tensor identity — so memory is one K × K matrix per distinct input.
+
+File format (``.safetensors``): tensors ``<module name>.h`` (K × K float32), ``<module name>.mean`` (K,
+float32), ``<module name>.count`` (int64, shape [1]) for every module that owns statistics; the header metadata
+``lrq_ao_calibration`` holds the format version and ``aliases`` a JSON object mapping each sharing module's name
+to the name of the module whose tensors it uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+FILE_VERSION = "1"
+
+
+@dataclass
+class LinearStats:
+    """Input statistics of one linear layer: ``h = E[x xᵀ]`` (K × K), ``mean = E[x]`` (K,), ``count`` rows."""
+
+    h: torch.Tensor
+    mean: torch.Tensor
+    count: int
+
+
+class _Accumulator:
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.sum_xx = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.sum_x = torch.zeros(k, dtype=torch.float64, device=device)
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1]).to(device=self.sum_xx.device, dtype=torch.float32)
+        self.sum_xx.addmm_(rows.T, rows)
+        self.sum_x += rows.sum(dim=0, dtype=torch.float64)
+        self.count += rows.shape[0]
+
+    def copy(self) -> _Accumulator:
+        out = _Accumulator.__new__(_Accumulator)
+        out.sum_xx, out.sum_x, out.count = self.sum_xx.clone(), self.sum_x.clone(), self.count
+        return out
+
+    def stats(self) -> LinearStats:
+        n = max(self.count, 1)
+        return LinearStats(self.sum_xx / n, (self.sum_x / n).float(), self.count)
+
+
+class Calibration:
+    """Statistics of each linear's input, keyed by module name (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._acc: dict[str, _Accumulator] = {}
+        self._stats: dict[str, LinearStats] = {}
+        self._alias: dict[str, str] = {}
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+
+    # -- capture -------------------------------------------------------------------------------------------
+    def _observe(self, name: str, x: torch.Tensor, device: torch.device | None) -> None:
+        hit = self._seen.get(id(x))
+        owner = hit[1] if hit is not None and hit[0] is x else None
+        if name in self._alias and self._alias[name] != owner:
+            # This layer shared its input so far but not now: it gets its own copy of the shared sums.
+            self._acc[name] = self._acc[self._alias.pop(name)].copy()
+        if owner is not None and owner != name and name not in self._acc:
+            self._alias[name] = owner
+            return
+        if name not in self._acc:
+            self._acc[name] = _Accumulator(x.shape[-1], device or x.device)
+        self._acc[name].add(x)
+        self._seen[id(x)] = (x, name)
+        self._stats.pop(name, None)
+
+    def _reset_forward(self) -> None:
+        self._seen.clear()
+
+    # -- access --------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(set(self._acc) | set(self._stats) | set(self._alias))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._acc or name in self._stats or name in self._alias
+
+    def owner_of(self, name: str) -> str:
+        return self._alias.get(name, name)
+
+    def stats(self, name: str) -> LinearStats | None:
+        """Statistics of the linear called ``name`` (shared ones resolved), or None if it never ran."""
+        owner = self.owner_of(name)
+        if owner not in self._stats:
+            if owner not in self._acc:
+                return None
+            self._stats[owner] = self._acc[owner].stats()
+        return self._stats[owner]
+
+    # -- files ---------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for name in sorted(set(self._acc) | set(self._stats)):
+            st = self.stats(name)
+            tensors[f"{name}.h"] = st.h.float().contiguous().cpu()
+            tensors[f"{name}.mean"] = st.mean.float().contiguous().cpu()
+            tensors[f"{name}.count"] = torch.tensor([st.count], dtype=torch.int64)
+        meta = {"lrq_ao_calibration": FILE_VERSION, "aliases": json.dumps(self._alias, sort_keys=True)}
+        save_file(tensors, os.fspath(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Calibration:
+        """Read a statistics file written by ``save``; raises ``ValueError`` naming the file if it is not one."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        out = cls()
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get("lrq_ao_calibration") != FILE_VERSION:
+                raise ValueError(
+                    f"{path} is not an lrq_ao calibration file (version {FILE_VERSION}); write one with "
+                    f"lrq_ao.calibrate(model) ... calib.save(path)"
+                )
+            owners = {k.rsplit(".", 1)[0] for k in f}
+            for name in owners:
+                out._stats[name] = LinearStats(
+                    f.get_tensor(f"{name}.h"), f.get_tensor(f"{name}.mean"), int(f.get_tensor(f"{name}.count")[0])
+                )
+        out._alias = json.loads(meta.get("aliases", "{}"))
+        missing = set(out._alias.values()) - set(out._stats)
+        if missing:
+            raise ValueError(f"{path}: aliases point at modules without statistics: {sorted(missing)}")
+        return out
+
+
+@contextlib.contextmanager
+def calibrate(
+    model: nn.Module,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    device: str | torch.device | None = None,
+) -> Iterator[Calibration]:
+    """Capture input statistics of every ``nn.Linear`` in ``model`` (those ``filter_fn(module, name)`` accepts)
+    while the ``with`` block runs forward passes. ``device`` holds the accumulators (default: the input's)."""
+    calib = Calibration()
+    dev = torch.device(device) if device is not None else None
+    # Identity of inputs only means something within one forward pass: forget them before and after each.
+    handles = [
+        model.register_forward_pre_hook(lambda mod, args: calib._reset_forward()),
+        model.register_forward_hook(lambda mod, args, out: calib._reset_forward()),
+    ]
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and (filter_fn is None or filter_fn(mod, name)):
+
+            def hook(mod, args, name=name):
+                calib._observe(name, args[0], dev)
+
+            handles.append(mod.register_forward_pre_hook(hook))
+    if len(handles) == 2:
+        raise ValueError("calibrate(model): the model has no nn.Linear that the filter accepts; nothing to capture")
+    try:
+        yield calib
+    finally:
+        for h in handles:
+            h.remove()
+        calib._reset_forward()
+
+
+def stats_for(calibration, fqn: str, module: nn.Module | None = None) -> LinearStats | None:
+    """The statistics ``quantize_weight`` needs for the linear ``fqn``: None without calibration or when the layer
+    never ran. ``calibration`` is a ``Calibration`` or the path of a saved statistics file."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, str | os.PathLike):
+        calibration = _load_cached(os.fspath(calibration))
+    st = calibration.stats(fqn)
+    if st is not None and module is not None and getattr(module, "in_features", st.h.shape[0]) != st.h.shape[0]:
+        raise ValueError(
+            f"calibration statistics for {fqn!r} have {st.h.shape[0]} input features but the module has "
+            f"{module.in_features}; the statistics belong to another model"
+        )
+    return st
+
+
+_CACHE: dict[str, Calibration] = {}
+
+
+def _load_cached(path: str) -> Calibration:
+    if path not in _CACHE:
+        _CACHE[path] = Calibration.load(path)
+    return _CACHE[path]

@@ -1,0 +1,94 @@
+"""Greedy coordinate rounding: move elements one grid step up or down while that lowers the objective exactly.
+
+For a quadratic objective ``quad(E) = tr(Eᵀ P E M)`` (see ``objectives.py``) changing ``E[r, j]`` by ``d`` changes
+``quad`` by ``d·G[r, j] + d²·P[r, r]·M[j, j]`` where ``G = 2 P E M``. A sweep visits the input columns in order;
+for column ``j`` every row picks the best of {stay, one step down, one step up} on the grid. When ``P`` is the
+identity (the ``output`` / ``act_svd`` objectives) rows are independent, so the column update is exact and the
+objective never increases. When ``P`` couples rows (the ``svd`` objective) the column's total change
+``dᵀg + M[j, j]·‖Lᵀ d‖²`` is computed exactly; if it is not negative the column uses the choice made with the
+bound ``P ≼ I``, which cannot increase the objective either.
+
+Column updates are applied lazily, as in GPTQ: inside a block of columns ``G`` is updated column by column for the
+block only; the rest of ``G`` gets one matrix product per block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrq_ao.rounding.grid import Grid
+from lrq_ao.rounding.objectives import Objective
+
+
+def _best_step(
+    idx_col: torch.Tensor,
+    g: torch.Tensor,
+    s: torch.Tensor,
+    curv: torch.Tensor,
+    grid: Grid,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one column: the new grid index of every row and the change ``d`` of its dequantized value."""
+    cur = grid.values[idx_col]
+    best_idx, best_d = idx_col, torch.zeros_like(cur)
+    best_gain = torch.zeros_like(cur)
+    lo, hi = (0, grid.last) if bounds is None else bounds
+    for step in (-1, 1):
+        cand = torch.clamp(idx_col + step, lo, hi)
+        d = (grid.values[cand] - cur) * s
+        gain = d * g + d * d * curv  # change in quad; negative is better
+        better = gain < best_gain
+        best_idx = torch.where(better, cand, best_idx)
+        best_d = torch.where(better, d, best_d)
+        best_gain = torch.where(better, gain, best_gain)
+    return best_idx, best_d
+
+
+def greedy_refine(
+    idx: torch.Tensor,
+    w: torch.Tensor,
+    scale_full: torch.Tensor,
+    grid: Grid,
+    obj: Objective,
+    *,
+    passes: int = 2,
+    block: int = 128,
+    neighbours_only: bool = False,
+) -> torch.Tensor:
+    """Coordinate-descent refinement of grid indices ``idx`` (N, K) under ``obj``; returns new indices.
+
+    With ``neighbours_only`` every element stays within the two grid values around its original ``w / s``
+    (``idx`` must start there)."""
+    idx = idx.clone()
+    w = w.float()
+    s_full = scale_full.float()
+    e = grid.values[idx] * s_full - w
+    g = obj.grad_quad(e)
+    m = obj.m
+    k = w.shape[1]
+    lo_all = grid.floor_index(w / s_full) if neighbours_only else None
+    hi_all = (lo_all + 1).clamp(max=grid.last) if neighbours_only else None
+    p_diag = obj.p_diag if obj.p_diag is not None else torch.ones(w.shape[0], device=w.device)
+    for _ in range(passes):
+        for b0 in range(0, k, block):
+            b1 = min(b0 + block, k)
+            delta = torch.zeros(w.shape[0], b1 - b0, device=w.device)
+            for j in range(b0, b1):
+                bounds = (lo_all[:, j], hi_all[:, j]) if neighbours_only else None
+                new_idx, d = _best_step(idx[:, j], g[:, j], s_full[:, j], p_diag * m[j, j], grid, bounds)
+                if obj.left is not None:
+                    # Rows are coupled through P. Keep the per-row choice if the column's exact change is
+                    # negative; otherwise take the choice made with curvature M[j, j] (P's largest eigenvalue is
+                    # 1, so dᵀPd <= ‖d‖² and that choice can only lower the objective).
+                    total = (d * g[:, j]).sum() + m[j, j] * (obj.left.T @ d).square().sum()
+                    safe_idx, safe_d = _best_step(idx[:, j], g[:, j], s_full[:, j], m[j, j].expand_as(d), grid, bounds)
+                    ok = total < 0
+                    new_idx, d = torch.where(ok, new_idx, safe_idx), torch.where(ok, d, safe_d)
+                pd = obj.apply_p(d)
+                idx[:, j] = new_idx
+                delta[:, j - b0] = d
+                g[:, j:b1] += 2.0 * pd[:, None] * m[j, j:b1][None, :]
+            g_blk = g[:, b0:b1].clone()
+            g += 2.0 * obj.apply_p(delta) @ m[b0:b1, :]
+            g[:, b0:b1] = g_blk
+    return idx

@@ -1,0 +1,103 @@
+"""Rounding objectives: quadratic forms of the weight error ``E = W_dq - W`` (shape (N, K), weight units).
+
+Every objective here is ``loss(E) = ‖Lᵀ E R‖_F`` with an optional left factor ``L`` (N × a) and a right factor
+``R`` (K × b). Reporting the norm (not its square) matches what the reference tool prints; minimizing either is
+the same problem. Writing ``P = L Lᵀ`` (identity when ``L`` is None) and ``M = R Rᵀ``:
+
+* ``quad(E) = tr(Eᵀ P E M)``, its gradient ``2 P E M``,
+* changing one element ``E[r, j]`` by ``d`` changes ``quad`` by ``d·G[r, j] + d²·P[r, r]·M[j, j]``.
+
+The last line is what makes greedy/coordinate rounding cheap and exact (see ``greedy.py``).
+
+Objectives:
+* ``svd`` (the reference tool's): ``L = U_k``, ``R = V_k`` from a truncated SVD of ``W`` itself.
+* ``output``: the layer-output error on calibration inputs, ``E[‖E x‖²] = tr(E H Eᵀ)`` with ``H = E[x xᵀ]``;
+  ``L = None``, ``M = H``.
+* ``act_svd``: ``output`` restricted to the top-k eigen-directions of ``H`` (``M = V_k Λ_k V_kᵀ``); with full rank
+  it *is* ``output``, with small k it protects only the dominant input directions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def svd_rank(n: int, k: int, top_p: float, min_k: int, max_k: int) -> int:
+    """The reference tool's rank rule: ``clamp(floor(top_p · min(n, k)), min_k, max_k)``, at most ``min(n, k)``."""
+    max_rank = min(n, k)
+    return min(max_k, max(min_k, int(math.floor(top_p * max_rank))), max_rank)
+
+
+@dataclass
+class Objective:
+    """``‖Lᵀ E R‖`` with ``P = L Lᵀ`` and ``M = R Rᵀ`` precomputed (see the module docstring)."""
+
+    name: str
+    right: torch.Tensor | None  # R (K × b), or None when only M is kept (``output``: M = H)
+    left: torch.Tensor | None = None  # L (N × a) or None for the identity
+    rank: int = 0
+    m: torch.Tensor | None = None  # M = R Rᵀ (K × K); computed from R when not given
+
+    def __post_init__(self) -> None:
+        if self.m is None:
+            self.m = self.right @ self.right.T
+        self.m_diag = self.m.diagonal().clone()
+        self.p_diag = None if self.left is None else (self.left * self.left).sum(dim=1)
+
+    def loss(self, e: torch.Tensor) -> torch.Tensor:
+        """``‖Lᵀ E R‖`` (differentiable; a 0-d tensor, no host sync)."""
+        pe = e if self.left is None else self.left.T @ e
+        if self.right is not None:
+            return torch.linalg.vector_norm(pe @ self.right)
+        return ((pe @ self.m) * pe).sum().clamp_min(0).sqrt()
+
+    def apply_p(self, d: torch.Tensor) -> torch.Tensor:
+        """``P @ d`` for a column or matrix ``d`` with N rows."""
+        return d if self.left is None else self.left @ (self.left.T @ d)
+
+    def grad_quad(self, e: torch.Tensor) -> torch.Tensor:
+        """Gradient of ``quad(E) = loss(E)²``: ``2 P E M``."""
+        return 2.0 * self.apply_p(e @ self.m)
+
+
+def truncated_svd(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k left/right singular vectors of ``w`` as the reference computes them: ``svd_lowrank(q=k+10, niter=4)``,
+    falling back to a full SVD when the randomized one fails or the rank is nearly full."""
+    n, kk = w.shape
+    max_rank = min(n, kk)
+    if k + 10 < max_rank:
+        try:
+            u, _, v = torch.svd_lowrank(w, q=min(k + 10, max_rank), niter=4)
+            return u[:, :k].contiguous(), v[:, :k].contiguous()
+        except RuntimeError:  # LAPACK did not converge: the full SVD below is the documented fallback
+            pass
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[:, :k].contiguous(), vh[:k, :].T.contiguous()
+
+
+def svd_objective(w: torch.Tensor, top_p: float, min_k: int, max_k: int) -> Objective:
+    k = svd_rank(*w.shape, top_p, min_k, max_k)
+    u, v = truncated_svd(w, k)
+    return Objective("svd", right=v, left=u, rank=k)
+
+
+def output_objective(h: torch.Tensor, damp: float = 0.0) -> Objective:
+    """``sqrt(tr(E (H + damp·mean(diag H)·I) Eᵀ))``: the RMS layer-output error on the calibration inputs, with an
+    optional ridge that pulls towards plain weight error where the calibration data says little."""
+    h = h.float()
+    if damp > 0:
+        h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], device=h.device)
+    return Objective("output", right=None, rank=h.shape[0], m=h)
+
+
+def act_svd_objective(h: torch.Tensor, top_p: float, min_k: int, max_k: int) -> Objective:
+    """The top-k eigen-directions of ``H`` weighted by ``sqrt(eigenvalue)``: the rank-k part of ``output``."""
+    kk = h.shape[0]
+    k = svd_rank(kk, kk, top_p, min_k, max_k)
+    evals, evecs = torch.linalg.eigh(h.double())
+    top = torch.argsort(evals, descending=True)[:k]
+    r = (evecs[:, top] * evals[top].clamp_min(0).sqrt()).float()
+    return Objective("act_svd", right=r, rank=k)
