@@ -161,7 +161,9 @@ def _run_emulated(x, weight, bias):
 def _cuda_capability_refusal(x: torch.Tensor, minimum: tuple[int, int], what: str) -> str | None:
     if x.device.type != "cuda":
         return f"{what} needs a CUDA device, input is on {x.device}"
-    capability = torch.cuda.get_device_capability(x.device)
+    # get_device_properties is constant-folded by torch.compile (get_device_capability is not)
+    props = torch.cuda.get_device_properties(x.device)
+    capability = (props.major, props.minor)
     if capability < minimum:
         return f"{what} needs SM >= {minimum[0]}.{minimum[1]}, device is SM {capability[0]}.{capability[1]}"
     return None
@@ -193,7 +195,7 @@ def _run_scaled_mm(x, weight, bias):
     if weight.act.granularity == "row" or weight.block_size[0] == 1:
         x_scale = x_scale.expand(x2d.shape[0], 1).contiguous()
         w_scale = w_scale.expand(1, n).contiguous()
-    y = torch._scaled_mm(xq, weight.qdata.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
+    y = torch._scaled_mm(xq, weight.qdata.contiguous().t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
