@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, ON_CUDA, scaled_randn
+from kernel_testing import ON_CUDA, scaled_randn
 
 from lrq_ao.kernels.act_quant import quantize_activation_triton
 from lrq_ao.layouts.activation import ActivationMode, quantize_activation

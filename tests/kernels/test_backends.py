@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, FP8_COMPUTE, ON_CUDA, scaled_randn
+from kernel_testing import DEVICE, FP8_COMPUTE, ON_CUDA, scaled_randn
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
 

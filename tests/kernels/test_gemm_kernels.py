@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, ON_CUDA, needs_fp8_compute, scaled_randn
+from kernel_testing import DEVICE, ON_CUDA, needs_fp8_compute, scaled_randn
 
 from lrq_ao.kernels.act_quant import quantize_activation_triton
 from lrq_ao.kernels.block_gemm import block_scaled_gemm, block_scaled_linear

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, ON_CUDA
+from kernel_testing import DEVICE, ON_CUDA
 
 from lrq_ao.kernels.weight_quant import quantize_weight_triton
 from lrq_ao.primitives import FP8_DTYPE, FormatSpec, quantize_rtn
