@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -220,3 +221,54 @@ def test_torchao_quantize_warns_for_skipped_layer_and_rejects_calibration():
 def test_quantize_rejects_other_configs():
     with pytest.raises(TypeError, match="LearnedRoundingConfig"):
         quantize_(nn.Linear(4, 4), object())
+
+
+def test_config_json_form():
+    # The exact JSON is a contract (the converter records it); a change to a field or a default must show up here.
+    # Re-record with EXPECTTEST_ACCEPT=1 after an intended change. to_json is the compact, key-sorted form of
+    # the text below.
+    config = LearnedRoundingConfig(format="int8_block", block_size=64, activation="dynamic", kernel="torch")
+    text = config.to_json()
+    assert LearnedRoundingConfig.from_json(text) == config
+    assert text == json.dumps(json.loads(text), sort_keys=True)
+    assert_expected_inline(
+        json.dumps(json.loads(text), sort_keys=True, indent=0),
+        """\
+{
+"act_order": true,
+"activation": "dynamic",
+"bias_correction": false,
+"block_size": 64,
+"check_every": 25,
+"compensate_drift": true,
+"damp": 0.01,
+"device": null,
+"fallback_to_rtn": true,
+"format": "int8_block",
+"greedy_passes": 2,
+"init": "auto",
+"kernel": "torch",
+"lr": null,
+"lr_schedule": "plateau",
+"max_k": 1280,
+"min_k": 256,
+"neighbours_only": false,
+"num_iter": 500,
+"objective": "auto",
+"objective_damp": 0.0,
+"optimizer": "adamw",
+"patience": 4,
+"relaxation": "auto",
+"seed": 0,
+"shrinkage": 0.0,
+"top_p": 0.2,
+"version": 1
+}""",
+    )
+
+
+def test_activation_mode_json_form():
+    mode = lrq_ao.layouts.activation_mode_for("dynamic", torch.int8, (64, 64), (128, 256))
+    assert_expected_inline(
+        json.dumps(mode.to_dict(), sort_keys=True), """{"block": 64, "granularity": "block", "kind": "dynamic"}"""
+    )
