@@ -25,7 +25,8 @@ from lrq_ao.convert.stream import StreamingWriter, TensorInfo, partial_path, rea
 
 # Test-only hook: SIGKILL this process after N journal entries (used to test --resume with a real killed run).
 KILL_HOOK_ENV = "LRQ_CONVERT_TEST_KILL_AFTER"
-SQNR_CHUNK_ELEMENTS = 1 << 22
+SQNR_CHUNK_ELEMENTS = 1 << 20
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
 @dataclass
@@ -131,6 +132,27 @@ def _stats_for(calibration: Any, layer: str) -> Any:
     return stats_for(calibration, layer, None)
 
 
+def pin_large_allocations_to_mmap() -> bool:
+    """Make glibc serve every allocation over 1 MiB with its own mmap, returned to the OS on free.
+
+    By default glibc raises its mmap threshold after the first large free, so later multi-MiB tensors come from the
+    heap, whose freed space is kept: RSS then drifts up to the sum of differently sized temporaries. Streaming one
+    layer at a time only bounds memory if freed layers really leave. Returns False where mallopt is unavailable
+    (non-glibc platforms), which costs memory headroom, not correctness.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 20))
+
+
 def _rss_reset_and_read() -> int:
     """Reset the peak-RSS counter (Linux clear_refs) and return the current RSS in bytes (0 if unknown)."""
     try:
@@ -219,13 +241,14 @@ def convert(plan: ConversionPlan, target: str | Path, run: RunOptions | None = N
         input_bytes=plan.input_bytes,
         output_bytes=target.stat().st_size,
         seconds=time.perf_counter() - t_start,
-        resumed_layers=resumed,
+        resumed_tensors=resumed,
         peak_rss_bytes=peak,
     )
 
 
 def _run_plan(plan: ConversionPlan, writer: StreamingWriter, journal: Journal, run: RunOptions) -> dict[str, Any]:
     kill_after = _kill_hook()
+    pin_large_allocations_to_mmap()
     progress = _Progress(plan, run.quiet)
     records: dict[str, Any] = {}
     base_rss = _rss_reset_and_read()

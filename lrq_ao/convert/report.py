@@ -62,7 +62,7 @@ class ConversionReport:
     input_bytes: int
     output_bytes: int
     seconds: float
-    resumed_layers: int = 0
+    resumed_tensors: int = 0
     peak_rss_bytes: int | None = None
     verify: dict[str, Any] | None = None
 
@@ -88,7 +88,7 @@ class ConversionReport:
                 "output_bytes": self.output_bytes,
                 "compression": self.compression,
                 "seconds": self.seconds,
-                "resumed_layers": self.resumed_layers,
+                "resumed_tensors": self.resumed_tensors,
                 "peak_rss_bytes": self.peak_rss_bytes,
                 "min_sqnr_db": _finite_or_str(min((r.sqnr_db for r in self.layers), default=math.inf)),
             },
@@ -119,7 +119,7 @@ class ConversionReport:
             f"{t['quantized_layers']} quantized, {t['kept_tensors']} kept, {t['removed_tensors']} removed; "
             f"{human_bytes(self.input_bytes)} -> {human_bytes(self.output_bytes)} ({self.compression:.2f}x) "
             f"in {self.seconds:.1f} s; min SQNR {_db(t['min_sqnr_db'])} dB"
-            + (f"; {self.resumed_layers} layers resumed" if self.resumed_layers else "")
+            + (f"; {self.resumed_tensors} tensors resumed" if self.resumed_tensors else "")
         )
         return "\n".join(lines)
 
