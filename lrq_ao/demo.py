@@ -1,7 +1,8 @@
 """``make demo``: quantize the real MiniLM-L6 text encoder with every lrq_ao layout and show what it costs.
 
 For each format the float32 model is copied and quantized with ``lrq_ao.quantize_``; the table gives the median and
-worst weight SQNR over the 36 encoder linears, the end-to-end SQNR of the final hidden state on held-out text, and
+worst weight SQNR over the 36 encoder linears, the end-to-end SQNR of the final hidden state on held-out text, the
+worst cosine similarity between float and quantized sentence embeddings (mean-pooled, as all-MiniLM-L6-v2), and
 the bytes of the linear weights (qdata + scales) against float32 and bfloat16. Then one quantized model runs one
 forward under ``torch.compile(fullgraph=True)`` and is checked against its eager output.
 
@@ -82,23 +83,26 @@ def bfloat16_reference(model: MiniLM, batches: list[Batch]) -> QualityReport:
 
 def format_rows(rows: list[DemoRow], bf16: QualityReport, fp32_linear_mb: float, fp32_model_mb: float) -> str:
     header = (
-        f"{'format':<12} {'weight dB (median)':>18} {'(min)':>7} {'end-to-end dB':>13} {'linears MB':>10} "
+        f"{'format':<12} {'weight dB (median)':>18} {'(min)':>7} {'end-to-end dB':>13} {'emb cos (min)':>13} "
+        f"{'linears MB':>10} "
         f"{'model MB':>9} {'quantize s':>10}"
     )
     with_rtn = any(row.rtn_end_to_end_sqnr is not None for row in rows)
     if with_rtn:
         header += f" {'RTN end-to-end dB':>17}"
     lines = [header, "-" * len(header)]
-    lines.append(f"{'float32':<12} {'inf':>18} {'inf':>7} {'inf':>13} {fp32_linear_mb:10.2f} {fp32_model_mb:9.2f}")
+    lines.append(
+        f"{'float32':<12} {'inf':>18} {'inf':>7} {'inf':>13} {1:13.5f} {fp32_linear_mb:10.2f} {fp32_model_mb:9.2f}"
+    )
     lines.append(
         f"{'bfloat16':<12} {bf16.median_weight_sqnr:18.2f} {bf16.min_weight_sqnr:7.2f} {bf16.end_to_end_sqnr:13.2f} "
-        f"{fp32_linear_mb / 2:10.2f} {fp32_model_mb / 2:9.2f}"
+        f"{bf16.embedding_cosine_min:13.5f} {fp32_linear_mb / 2:10.2f} {fp32_model_mb / 2:9.2f}"
     )
     for row in rows:
         r = row.report
         lines.append(
             f"{row.format:<12} {r.median_weight_sqnr:18.2f} {r.min_weight_sqnr:7.2f} {r.end_to_end_sqnr:13.2f} "
-            f"{row.linear_mb:10.2f} {row.model_mb:9.2f} {row.seconds:10.1f}"
+            f"{r.embedding_cosine_min:13.5f} {row.linear_mb:10.2f} {row.model_mb:9.2f} {row.seconds:10.1f}"
             + (f" {row.rtn_end_to_end_sqnr:17.2f}" if with_rtn else "")
         )
     return "\n".join(lines)

@@ -24,7 +24,14 @@ from lrq_ao.quality.metrics import (
     tensor_bytes,
     weight_sqnr,
 )
-from lrq_ao.quality.minilm import MiniLM, MiniLMConfig, encoder_linear_names, load_minilm, minilm_dir
+from lrq_ao.quality.minilm import (
+    MiniLM,
+    MiniLMConfig,
+    encoder_linear_names,
+    load_minilm,
+    minilm_dir,
+    sentence_embeddings,
+)
 from lrq_ao.quality.texts import (
     Batch,
     calibrate_on_text,
@@ -58,6 +65,7 @@ __all__ = [
     "minilm_dir",
     "model_bytes",
     "rtn_weight_sqnrs",
+    "sentence_embeddings",
     "tensor_bytes",
     "tokenize",
     "weight_sqnr",

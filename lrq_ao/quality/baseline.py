@@ -55,6 +55,7 @@ class Floor:
     median_weight_sqnr: float
     min_weight_sqnr: float
     end_to_end_sqnr: float
+    embedding_cosine_min: float
 
 
 def measure_rtn_floors(
@@ -65,14 +66,17 @@ def measure_rtn_floors(
     for fmt in formats:
         sqnrs = list(rtn_weight_sqnrs(model, fmt).values())
         report: QualityReport = evaluate(model, fake_quantize_rtn(model, fmt), batches, label=fmt)
-        floors.append(Floor(fmt, statistics.median(sqnrs), min(sqnrs), report.end_to_end_sqnr))
+        floors.append(
+            Floor(fmt, statistics.median(sqnrs), min(sqnrs), report.end_to_end_sqnr, report.embedding_cosine_min)
+        )
     return floors
 
 
 def format_floors(floors: list[Floor]) -> str:
-    lines = [f"{'format':<12} {'median weight dB':>16} {'min weight dB':>13} {'end-to-end dB':>13}"]
+    lines = [f"{'format':<12} {'median weight dB':>16} {'min weight dB':>13} {'end-to-end dB':>13} {'min emb cos':>11}"]
     lines += [
-        f"{f.format:<12} {f.median_weight_sqnr:16.2f} {f.min_weight_sqnr:13.2f} {f.end_to_end_sqnr:13.2f}"
+        f"{f.format:<12} {f.median_weight_sqnr:16.2f} {f.min_weight_sqnr:13.2f} {f.end_to_end_sqnr:13.2f} "
+        f"{f.embedding_cosine_min:11.5f}"
         for f in floors
     ]
     return "\n".join(lines)

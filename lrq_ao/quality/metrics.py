@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lrq_ao.primitives import sqnr
-from lrq_ao.quality.minilm import encoder_linear_names
+from lrq_ao.quality.minilm import encoder_linear_names, sentence_embeddings
 from lrq_ao.quality.texts import Batch, evaluation_batches
 
 
@@ -72,12 +72,16 @@ class LayerQuality:
 
 @dataclass
 class QualityReport:
-    """Per-layer qualities plus the end-to-end SQNR of the final hidden state over non-padding tokens."""
+    """Per-layer qualities, the end-to-end SQNR of the final hidden state over non-padding tokens, and the cosine
+    similarity between the float and quantized sentence embeddings (mean-pooled, normalised), mean and worst over
+    the evaluation sentences."""
 
     layers: list[LayerQuality]
     end_to_end_sqnr: float
     num_tokens: int
     label: str = ""
+    embedding_cosine_mean: float = math.nan
+    embedding_cosine_min: float = math.nan
     extra: dict = field(default_factory=dict)
 
     def _values(self, attr: str) -> list[float]:
@@ -105,6 +109,8 @@ class QualityReport:
             "min_weight_sqnr": self.min_weight_sqnr,
             "median_output_sqnr": self.median_output_sqnr,
             "end_to_end_sqnr": self.end_to_end_sqnr,
+            "embedding_cosine_mean": self.embedding_cosine_mean,
+            "embedding_cosine_min": self.embedding_cosine_min,
         }
 
 
@@ -138,7 +144,8 @@ def format_table(report: QualityReport) -> str:
     lines.append(
         f"{report.label or 'model'}: median weight {report.median_weight_sqnr:.2f} dB (min "
         f"{report.min_weight_sqnr:.2f} at {report.worst_layer.name}), median output {report.median_output_sqnr:.2f} "
-        f"dB, end-to-end {report.end_to_end_sqnr:.2f} dB over {report.num_tokens} tokens"
+        f"dB, end-to-end {report.end_to_end_sqnr:.2f} dB over {report.num_tokens} tokens; sentence embedding cosine "
+        f"mean {report.embedding_cosine_mean:.5f}, min {report.embedding_cosine_min:.5f}"
     )
     return "\n".join(lines)
 
@@ -192,6 +199,7 @@ def evaluate(
     in_context = {n: SqnrAccumulator() for n in names}
     final_fp: list[torch.Tensor] = []
     final_q: list[torch.Tensor] = []
+    cosines: list[torch.Tensor] = []
     for batch in batches:
         valid = batch.attention_mask.bool()
         fp_in: dict[str, torch.Tensor] = {}
@@ -207,6 +215,8 @@ def evaluate(
             alone = linear_q(fp_in[name].to(linear_q.weight.dtype))
             isolated[name].add(fp_out[name][valid], alone[valid])
             in_context[name].add(fp_out[name][valid], q_out[name][valid])
+        emb_fp, emb_q = (sentence_embeddings(y, batch.attention_mask) for y in (y_fp, y_q))
+        cosines.append((emb_fp.double() * emb_q.double()).sum(dim=-1))
         final_fp.append(y_fp[valid])
         final_q.append(y_q[valid])
     if not final_fp:
@@ -222,4 +232,12 @@ def evaluate(
         for name in names
     ]
     y_fp_all, y_q_all = torch.cat(final_fp), torch.cat(final_q)
-    return QualityReport(layers, sqnr(y_fp_all, y_q_all), y_fp_all.shape[0], label)
+    cos = torch.cat(cosines)
+    return QualityReport(
+        layers,
+        sqnr(y_fp_all, y_q_all),
+        y_fp_all.shape[0],
+        label,
+        embedding_cosine_mean=float(cos.mean()),
+        embedding_cosine_min=float(cos.min()),
+    )

@@ -194,6 +194,14 @@ class MiniLM(nn.Module):
         return self.encoder(self.embeddings(input_ids, token_type_ids), keep)
 
 
+def sentence_embeddings(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """all-MiniLM-L6-v2's sentence embedding: the mean of the final hidden state over real tokens, L2-normalised
+    (its ``1_Pooling`` and ``2_Normalize`` modules). Returns ``(B, hidden)`` in float32."""
+    mask = attention_mask.to(torch.float32).unsqueeze(-1)
+    mean = (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+    return F.normalize(mean, dim=-1)
+
+
 def encoder_linear_names(model: nn.Module) -> list[str]:
     """Fully qualified names of the encoder's ``nn.Linear`` modules, in forward order (36 for MiniLM-L6)."""
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("encoder.")]

