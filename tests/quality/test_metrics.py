@@ -64,7 +64,7 @@ def test_identical_copy_is_lossless(model, batches):
     assert report.num_tokens == sum(int(b.attention_mask.sum()) for b in batches)
     assert math.isinf(report.end_to_end_sqnr) and math.isinf(report.median_weight_sqnr)
     assert all(math.isinf(layer.output_sqnr_in_context) for layer in report.layers)
-    assert report.embedding_cosine_min == pytest.approx(1.0, abs=1e-12)
+    assert report.embedding_cosine_min == pytest.approx(1.0, abs=1e-6)  # float32 normalisation
 
 
 @torch.no_grad()
