@@ -209,3 +209,42 @@ def test_converter_output_loads_through_comfy_kitchen(tmp_path, fmt):
         assert torch.equal(weight.dequantize(), ours), layer
         floor = 15.0 if fmt == "int8_tensorwise_tensor" else 25.0  # Gaussian weights: RTN gives ~19 / ~31+ dB
         assert sqnr(source[f"{layer}.weight"], ours) > floor, layer
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "int8_tensorwise"])
+def test_converted_minilm_runs_from_the_comfy_file(tmp_path, fmt):
+    """Real weights end to end: lrq-convert MiniLM-L6 into a stock ComfyUI file, fill a meta-device MiniLM from it with
+    load_comfy_into, and check its sentence embeddings against the float model and against the same weights
+    dequantized by comfy-kitchen."""
+    from lrq_ao.convert.cli import main
+    from lrq_ao.convert.reader import load_comfy_into
+    from lrq_ao.quality.minilm import MiniLM, MiniLMConfig, load_minilm, minilm_dir, sentence_embeddings
+    from lrq_ao.quality.texts import evaluation_batches
+
+    out = tmp_path / "minilm.safetensors"
+    with pytest.raises(SystemExit) as info:
+        main(["-i", str(minilm_dir() / "model.safetensors"), "-o", str(out), "--format", fmt, "--simple", "--quiet"])
+    assert info.value.code == 0
+    with torch.device("meta"):
+        model = MiniLM(MiniLMConfig.from_json_file(minilm_dir() / "config.json"))
+    result = load_comfy_into(model, out, strict=False, dtype=torch.float32)
+    assert len(result.quantized) == 36 and result.missing_keys == []
+    assert all("pooler" in k or "position_ids" in k for k in result.unexpected_keys)
+    model.eval()
+
+    # The same checkpoint as ComfyUI sees it: every linear dequantized by comfy-kitchen (float32 compute).
+    comfy = load_minilm()
+    for layer, weight in _comfyui_load(out, torch.float32).items():
+        comfy.get_submodule(layer).weight.copy_(weight.dequantize())
+    reference = load_minilm()
+
+    batch = evaluation_batches(batch_size=8)[0]
+    with torch.no_grad():
+        ours = sentence_embeddings(model(*batch), batch.attention_mask)
+        theirs = sentence_embeddings(comfy(*batch), batch.attention_mask)
+        exact = sentence_embeddings(reference(*batch), batch.attention_mask)
+    print(
+        f"{fmt}: SQNR(comfy-kitchen, lrq_ao) {sqnr(theirs, ours):.1f} dB, min cosine {(ours * exact).sum(-1).min():.5f}"
+    )
+    assert sqnr(theirs, ours) > 60.0  # identical weights; only the matmul order differs
+    assert (ours * exact).sum(-1).min() > 0.99  # cosine similarity to the float model
