@@ -243,8 +243,5 @@ def test_converted_minilm_runs_from_the_comfy_file(tmp_path, fmt):
         ours = sentence_embeddings(model(*batch), batch.attention_mask)
         theirs = sentence_embeddings(comfy(*batch), batch.attention_mask)
         exact = sentence_embeddings(reference(*batch), batch.attention_mask)
-    print(
-        f"{fmt}: SQNR(comfy-kitchen, lrq_ao) {sqnr(theirs, ours):.1f} dB, min cosine {(ours * exact).sum(-1).min():.5f}"
-    )
-    assert sqnr(theirs, ours) > 60.0  # identical weights; only the matmul order differs
-    assert (ours * exact).sum(-1).min() > 0.99  # cosine similarity to the float model
+    assert sqnr(theirs, ours) > 60.0  # identical weights (measured: bit-identical embeddings)
+    assert (ours * exact).sum(-1).min() > 0.99  # cosine to the float model (measured 0.998 FP8, 0.9996 INT8)
