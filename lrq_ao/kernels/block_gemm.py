@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lrq_ao.kernels._gemm_common import CPU_CONFIG, grid_1d, grouped_tile
+from lrq_ao.kernels._gemm_common import CPU_CONFIG, autotune_bench, grid_1d, grouped_tile
 from lrq_ao.kernels._runtime import check_contiguous_last, check_device, launchable, m_bucket
 from lrq_ao.kernels.act_quant import quantize_activation_triton
 from lrq_ao.kernels.row_gemm import OUT_DTYPES
@@ -101,6 +101,7 @@ def _block_scaled_gemm_kernel(
 
 _block_scaled_gemm_tuned = triton.autotune(
     configs=BLOCK_CONFIGS,
+    do_bench=autotune_bench,
     key=["N", "K", "M_BUCKET", "HAS_BIAS", "BLOCK_K"],
     prune_configs_by={"early_config_prune": _prune},
 )(_block_scaled_gemm_kernel)

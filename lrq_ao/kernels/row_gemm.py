@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lrq_ao.kernels._gemm_common import CPU_CONFIG, W8A8_CONFIGS, grid_1d, grouped_tile
+from lrq_ao.kernels._gemm_common import CPU_CONFIG, W8A8_CONFIGS, autotune_bench, grid_1d, grouped_tile
 from lrq_ao.kernels._runtime import check_contiguous_last, check_device, launchable, m_bucket
 from lrq_ao.kernels.act_quant import qdtype_name, quantize_activation_triton
 
@@ -77,9 +77,9 @@ def _row_scaled_gemm_kernel(
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
-_row_scaled_gemm_tuned = triton.autotune(configs=W8A8_CONFIGS, key=["N", "K", "M_BUCKET", "HAS_BIAS"])(
-    _row_scaled_gemm_kernel
-)
+_row_scaled_gemm_tuned = triton.autotune(
+    configs=W8A8_CONFIGS, do_bench=autotune_bench, key=["N", "K", "M_BUCKET", "HAS_BIAS"]
+)(_row_scaled_gemm_kernel)
 
 
 def _scale_stride(name: str, scale: torch.Tensor, rows: int, what: str) -> int:

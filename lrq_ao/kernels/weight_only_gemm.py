@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lrq_ao.kernels._gemm_common import config, grid_1d, grouped_tile
+from lrq_ao.kernels._gemm_common import autotune_bench, config, grid_1d, grouped_tile
 from lrq_ao.kernels._runtime import check_contiguous_last, check_device, launchable, m_bucket
 
 SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2
@@ -106,6 +106,7 @@ def _weight_only_gemm_kernel(
 
 _weight_only_gemm_tuned = triton.autotune(
     configs=WEIGHT_ONLY_CONFIGS,
+    do_bench=autotune_bench,
     key=["N", "K", "M_BUCKET", "SCALE_MODE", "SCALE_BLOCK", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": _prune},
 )(_weight_only_gemm_kernel)
