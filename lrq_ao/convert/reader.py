@@ -349,7 +349,11 @@ def _validate_layer(
         stored, fmt, shape, marker.get("group_size"), f"{ckpt.path}: tensor {scale_key!r}"
     )
     if stored.dim() == 1 and stored.numel() == shape[0] > 1 and fmt.name == "int8_tensorwise":
-        warnings.warn(f"{ckpt.path}: tensor {scale_key!r}: 1-D per-row int8 scale fails in stock ComfyUI", stacklevel=3)
+        warnings.warn(
+            f"{ckpt.path}: tensor {scale_key!r}: 1-D per-row int8 scale; read as per-row, but ComfyUI's dequantize "
+            f"broadcasts it along the input dimension (error or wrong weights); rewrite it as [out, 1]",
+            stacklevel=3,
+        )
     if not bool(torch.isfinite(grid).all()) or bool((grid < 0).any()):
         raise ComfyFormatError(f"{ckpt.path}: tensor {scale_key!r}: scales must be finite and non-negative")
     input_scale = _validated_input_scale(ckpt, input_key, small)

@@ -245,3 +245,22 @@ def test_converted_minilm_runs_from_the_comfy_file(tmp_path, fmt):
         exact = sentence_embeddings(reference(*batch), batch.attention_mask)
     assert sqnr(theirs, ours) > 60.0  # identical weights (measured: bit-identical embeddings)
     assert (ours * exact).sum(-1).min() > 0.99  # cosine to the float model (measured 0.998 FP8, 0.9996 INT8)
+
+
+def test_one_dim_int8_row_scale_breaks_comfy_kitchen_dequantize():
+    """Why the writer stores per-row INT8 scales as [out, 1], never [out]: comfy-kitchen's int8 linear reshapes the
+    scale, but its dequantize() (used by every fallback op and by LoRA patching) broadcasts a 1-D scale along the
+    input dimension: a shape error for a non-square weight, silently wrong values for a square one."""
+    layout = "TensorWiseINT8Layout"
+    for shape in [(64, 96), (64, 64)]:
+        w = torch.randn(*shape, generator=torch.Generator().manual_seed(12))
+        qdata, scale, block_size = quantize_rtn(w, format_spec("int8"))
+        params = ck_tensor.get_layout_class(layout).Params(
+            scale=scale.reshape(-1), orig_dtype=torch.float32, orig_shape=shape
+        )
+        weight = ck_tensor.QuantizedTensor(qdata, layout, params)
+        if shape[0] != shape[1]:
+            with pytest.raises(RuntimeError, match="must match the size"):
+                weight.dequantize()
+        else:
+            assert not torch.equal(weight.dequantize(), dequantize(qdata, scale, block_size))

@@ -268,6 +268,18 @@ def test_misshapen_scale(tmp_path, fmt, scale):
     _expect_error(path, "'blk.lin.weight_scale'", "scale shape")
 
 
+def test_one_dim_int8_row_scale_is_read_with_a_warning(tmp_path):
+    path = tmp_path / "odd.safetensors"
+    tensors = _one_layer("int8")
+    qdata, scale = tensors["blk.lin.weight"], tensors["blk.lin.weight_scale"]
+    tensors["blk.lin.weight_scale"] = scale.reshape(-1)
+    save_file(tensors, str(path))
+    with pytest.warns(UserWarning, match=r"'blk.lin.weight_scale': 1-D per-row int8 scale"):
+        layer = read_comfy(path).load_layer("blk.lin")
+    assert layer.block_size == (1, 96)
+    assert torch.equal(layer.dequantize(), dequantize(qdata, scale, (1, 96)))
+
+
 def test_nonfinite_scale(tmp_path):
     path = tmp_path / "bad.safetensors"
     tensors = _one_layer("int8")
