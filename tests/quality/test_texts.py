@@ -76,3 +76,49 @@ def test_unpadded_batches_hold_every_sentence_without_padding():
     assert lengths == sorted(set(lengths))
     rows = {tuple(row.tolist()) for b in batches for row in b.input_ids}
     assert rows == {tuple(tokenize([s]).input_ids[0].tolist()) for s in sentences}
+
+
+@pytest.fixture(scope="module")
+def model_and_calibration():
+    from lrq_ao.quality.minilm import load_minilm
+    from lrq_ao.quality.texts import calibrate_on_text
+
+    model = load_minilm()
+    return model, calibrate_on_text(model)
+
+
+def test_calibration_statistics_count_real_tokens_only(model_and_calibration):
+    from lrq_ao.quality.texts import tokenize
+
+    model, calib = model_and_calibration
+    real_tokens = sum(tokenize([s]).input_ids.shape[1] for s in calibration_sentences())
+    assert sorted(calib.names()) == sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    for name in ("encoder.layer.0.attention.self.query", "encoder.layer.5.output.dense"):
+        stats = calib.stats(name)
+        assert stats.count == real_tokens
+        k = model.get_submodule(name).in_features
+        assert stats.h.shape == (k, k) and bool(torch.isfinite(stats.h).all())
+
+
+@pytest.mark.slow
+def test_calibrated_learned_rounding_beats_rtn_on_held_out_text(model_and_calibration):
+    """The product claim on real weights and real text: statistics from the calibration split make learned
+    rounding beat round-to-nearest end to end on the (disjoint) evaluation split. First layer only, for speed;
+    measured 37.45 dB (RTN) -> 40.12 dB (output objective, GPTQ init + greedy), +2.7 dB."""
+    import copy
+
+    from lrq_ao.api import quantize_
+    from lrq_ao.config import LearnedRoundingConfig
+    from lrq_ao.quality.metrics import evaluate
+
+    model, calib = model_and_calibration
+    first_layer = lambda module, name: name.startswith("encoder.layer.0.")
+    batches = evaluation_batches(batch_size=32)
+    e2e = {}
+    for objective in ("rtn", "output"):
+        quantized = copy.deepcopy(model)
+        config = LearnedRoundingConfig(format="int8", objective=objective, calibration=calib)
+        report = quantize_(quantized, config, filter_fn=first_layer)
+        assert len(report.layers) == 6
+        e2e[objective] = evaluate(model, quantized, batches).end_to_end_sqnr
+    assert e2e["output"] >= e2e["rtn"] + 1.0, e2e
