@@ -73,10 +73,12 @@ def test_quantized_tensor_as_compiled_input_and_output(cls):
 
     @torch.compile(backend=counter, fullgraph=True)
     def fn(x, weight):
-        return F.linear(x, weight), weight.t(), weight.to(torch.float16)
+        return F.linear(x, weight), weight.t(), weight.to(torch.float16), weight[32:], weight.t()[32:]
 
     x = torch.randn(4, 96, dtype=torch.bfloat16)
-    y, wt, wh = fn(x, w)
+    y, wt, wh, rows, cols = fn(x, w)
+    assert type(rows) is cls and torch.equal(rows.dequantize(), w.dequantize()[32:])
+    assert type(cols) is cls and torch.equal(cols.dequantize(), w.dequantize().t()[32:])
     torch.testing.assert_close(y, F.linear(x, w), rtol=0, atol=0)
     assert type(wt) is cls and wt.block_size == (32, 32) and wt.scale.shape == (3, 2)
     assert torch.equal(wt.dequantize(), w.dequantize().t())
