@@ -52,6 +52,11 @@ def compiled(module: torch.nn.Module):
     return torch.compile(module, fullgraph=True, dynamic=True)
 
 
+# Every compiled nn.Linear shares the code object of Linear.forward: one cache entry per method and shape.
+torch._dynamo.config.recompile_limit = 512
+torch._dynamo.config.accumulated_recompile_limit = 8192
+
+
 def torchao_methods(linear: torch.nn.Linear) -> dict:
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
