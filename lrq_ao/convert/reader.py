@@ -438,51 +438,64 @@ def load_comfy_into(
     """Fill ``model`` (typically built on the meta device) from a ComfyUI checkpoint, assigning tensors in place.
 
     Quantized layers become non-trainable ``nn.Parameter``s wrapping lrq_ao tensors, so the model runs with
-    lrq_ao's kernels; every other tensor is assigned as stored (``load_state_dict(assign=True)`` semantics).
+    lrq_ao's kernels; every other tensor is assigned as stored (``load_state_dict(assign=True)`` semantics), or
+    cast to ``dtype`` if it is floating point and ``dtype`` is given (quantized layers then report ``dtype`` too).
     ``prefix`` is stripped from the file's keys (e.g. ``"model.diffusion_model."``); keys outside it are not
-    loaded and are listed in ``LoadResult.ignored_keys``.
-    With ``strict`` (default) any key the model expects but the file lacks, any file key the model lacks, or a
-    shape mismatch raises :class:`ComfyFormatError`; otherwise they are returned in the :class:`LoadResult`.
+    loaded and are listed in ``LoadResult.ignored_keys``. A shape mismatch raises :class:`ComfyFormatError`; so does,
+    with ``strict`` (default), any key the model expects but the file lacks or any file key the model lacks
+    (otherwise they are returned in the :class:`LoadResult`). Nothing in ``model`` changes if an error is raised.
     """
     ckpt = read_comfy(path)
     where = str(ckpt.path)
     expected = model.state_dict(keep_vars=True)
-    quantized, unexpected, plain = [], [], {}
-    for name in ckpt.layers:
-        if not name.startswith(prefix):
-            continue
-        key = name[len(prefix) :] + WEIGHT_SUFFIX
-        if key not in expected:
-            unexpected.append(key)
-            continue
-        module_path, _, attr = key.rpartition(".")
-        layer = ckpt.load_layer(name)
-        _check_shape(where, key, tuple(expected[key].shape), layer.shape)
-        weight = _weight_tensor(layer, dtype, act, kernel)
-        setattr(model.get_submodule(module_path), attr, torch.nn.Parameter(weight, requires_grad=False))
-        layer.qdata = None  # the lrq_ao tensor holds it now; do not keep a second reference
-        quantized.append(key)
-    file_keys = [k for k in ckpt.plain_keys() if k.startswith(prefix)]
-    for key in file_keys:
-        local = key[len(prefix) :]
-        if local in expected:
-            _check_shape(where, local, tuple(expected[local].shape), ckpt.entries[key].shape)
-            plain[local] = key
-        else:
-            unexpected.append(local)
-    tensors = _read_tensors(ckpt.path, list(plain.values()))
-    model.load_state_dict({local: tensors[key] for local, key in plain.items()}, strict=False, assign=True)
+    quantized, plain, unexpected = _match_keys(ckpt, expected, prefix, where)
     missing = sorted(set(expected) - set(plain) - set(quantized))
     ignored = sorted(k for k in ckpt.entries if not k.startswith(prefix) and k not in ckpt.consumed)
     ignored += sorted(name + WEIGHT_SUFFIX for name in ckpt.layers if not name.startswith(prefix))
-    result = LoadResult(quantized, missing, sorted(unexpected), ignored)
+    result = LoadResult(sorted(quantized), missing, unexpected, ignored)
     if strict and (result.missing_keys or result.unexpected_keys):
         raise ComfyFormatError(
             f"{where}: checkpoint does not match the model: {len(missing)} missing key(s) "
             f"{_first(result.missing_keys)}, {len(unexpected)} unexpected key(s) {_first(result.unexpected_keys)}; "
             f"check `prefix` (got {prefix!r}) or pass strict=False"
         )
+    for key, name in quantized.items():
+        module_path, _, attr = key.rpartition(".")
+        weight = _weight_tensor(ckpt.load_layer(name), dtype, act, kernel)
+        setattr(model.get_submodule(module_path), attr, torch.nn.Parameter(weight, requires_grad=False))
+        ckpt.layers[name].qdata = None  # the lrq_ao tensor holds it now; do not keep a second reference
+    tensors = _read_tensors(ckpt.path, list(plain.values()))
+    state = {local: _cast_floating(tensors[key], dtype) for local, key in plain.items()}
+    model.load_state_dict(state, strict=False, assign=True)
     return result
+
+
+def _match_keys(
+    ckpt: ComfyCheckpoint, expected: dict[str, torch.Tensor], prefix: str, where: str
+) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """Model key -> file layer for quantized weights, model key -> file key for the rest, and unexpected keys."""
+    quantized, plain, unexpected = {}, {}, []
+    for name, layer in ckpt.layers.items():
+        if name.startswith(prefix):
+            key = name[len(prefix) :] + WEIGHT_SUFFIX
+            if key in expected:
+                _check_shape(where, key, tuple(expected[key].shape), layer.shape)
+                quantized[key] = name
+            else:
+                unexpected.append(key)
+    for key in ckpt.plain_keys():
+        if key.startswith(prefix):
+            local = key[len(prefix) :]
+            if local in expected:
+                _check_shape(where, local, tuple(expected[local].shape), ckpt.entries[key].shape)
+                plain[local] = key
+            else:
+                unexpected.append(local)
+    return quantized, plain, sorted(unexpected)
+
+
+def _cast_floating(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 def _check_shape(where: str, key: str, model_shape: tuple, file_shape: tuple) -> None:

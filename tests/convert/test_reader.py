@@ -520,6 +520,20 @@ def test_load_comfy_into_strips_a_prefix_and_reads_legacy_files(tmp_path):
         assert sqnr(reference(x), model(x)) > 80.0
 
 
+def test_load_comfy_into_casts_plain_tensors_to_the_requested_dtype(tmp_path):
+    path = tmp_path / "block.safetensors"
+    _block_file(path)
+    with torch.device("meta"):
+        model = TinyBlock()
+    load_comfy_into(model, path, dtype=torch.bfloat16)
+    assert model.proj_in.weight.dtype == torch.bfloat16 and model.norm.weight.dtype == torch.bfloat16
+    assert model.proj_in.bias.dtype == torch.bfloat16
+    with torch.device("meta"):
+        model = TinyBlock()
+    load_comfy_into(model, path)  # no dtype: plain tensors as stored, quantized ones report the marker's orig_dtype
+    assert model.norm.weight.dtype == torch.float32 and model.proj_out.weight.dtype == torch.float32
+
+
 def test_load_comfy_into_reports_key_mismatches(tmp_path):
     path = tmp_path / "block.safetensors"
     _block_file(path)
@@ -534,6 +548,7 @@ def test_load_comfy_into_reports_key_mismatches(tmp_path):
         model = Bigger()
     with pytest.raises(ComfyFormatError, match=r"2 missing key\(s\).*extra.bias.*2 unexpected key\(s\).*norm.bias"):
         load_comfy_into(model, path)
+    assert model.proj_in.weight.is_meta  # a failed strict load leaves the model untouched
     with torch.device("meta"):
         model = Bigger()
     result = load_comfy_into(model, path, strict=False)
@@ -552,6 +567,7 @@ def test_load_comfy_into_rejects_shape_mismatch(tmp_path):
         ComfyFormatError, match=r"'proj_out.weight' has shape \[32, 64\] but the model expects \[16, 64\]"
     ):
         load_comfy_into(model, path)
+    assert not any(type(p).__name__.endswith("8Tensor") for p in model.parameters())  # nothing was changed
 
 
 def test_load_comfy_into_with_a_wrong_prefix_names_the_prefix(tmp_path):
