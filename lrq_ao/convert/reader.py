@@ -404,11 +404,12 @@ def load_comfy(
 
     Quantized layers come back as ``<layer>.weight`` -> ``lrq_ao.layouts.Float8Tensor`` / ``Int8Tensor`` reporting
     ``dtype`` (default: the marker's ``orig_dtype``, else bfloat16); their ``weight_scale``, ``input_scale`` and
-    ``comfy_quant`` entries are folded in and not returned. Every other tensor is returned as stored. Use
-    :func:`read_comfy` for per-layer formats. Raises :class:`ComfyFormatError` for malformed files.
+    ``comfy_quant`` entries are folded in and not returned. Every other tensor is returned as stored (floating-point
+    ones cast to ``dtype`` when it is given). Use :func:`read_comfy` for per-layer formats. Raises
+    :class:`ComfyFormatError` for malformed files.
     """
     ckpt = read_comfy(path)
-    state = _read_tensors(ckpt.path, ckpt.plain_keys())
+    state = {k: _cast_floating(t, dtype) for k, t in _read_tensors(ckpt.path, ckpt.plain_keys()).items()}
     for name in ckpt.layers:
         state[name + WEIGHT_SUFFIX] = _weight_tensor(ckpt.load_layer(name), dtype, act, kernel)
     return state

@@ -469,7 +469,8 @@ def test_load_comfy_returns_lrq_ao_tensors(tmp_path):
         assert weight.dtype == torch.bfloat16 and weight.block_size == block_size  # no orig_dtype: bfloat16
         assert torch.equal(weight.dequantize(torch.float32), dequantize(qdata, scale, block_size))
     assert state["norm.weight"].dtype == torch.bfloat16
-    assert load_comfy(path, dtype=torch.float16)["blocks.0.lin.weight"].dtype == torch.float16
+    as_half = load_comfy(path, dtype=torch.float16)
+    assert as_half["blocks.0.lin.weight"].dtype == torch.float16 and as_half["norm.weight"].dtype == torch.float16
 
 
 def test_load_comfy_uses_the_markers_orig_dtype(tmp_path):
