@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,15 +67,17 @@ def quantize_layer(
     device: str = "cpu",
     stats: Any = None,
     full_precision_matrix_mult: bool = False,
+    weight: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], LayerRecord]:
     """Read one weight, quantize it on ``device`` as ``config`` says, and return its ComfyUI tensors and record.
 
+    ``weight`` is the tensor already read from ``info`` (the engine reads one layer ahead), else it is read here.
     Raises ``ValueError`` naming the tensor for NaN/Inf values (from ``quantize_weight``).
     """
     from lrq_ao.rounding import quantize_weight
 
     t0 = time.perf_counter()
-    w = read_tensor(info).to(device)
+    w = (weight if weight is not None else read_tensor(info)).to(device)
     result = quantize_weight(w, config, name=info.name, stats=stats)
     if getattr(result, "bias_delta", None) is not None:
         raise ValueError(
@@ -246,6 +249,35 @@ def convert(plan: ConversionPlan, target: str | Path, run: RunOptions | None = N
     )
 
 
+class _ReadAhead:
+    """Reads the next weight to quantize on a background thread while the current one is quantized and written,
+    so disk reads overlap compute (file reads release the GIL). Holds at most one extra tensor."""
+
+    def __init__(self, plan: ConversionPlan, todo: list[TensorPlan]):
+        self.plan = plan
+        self.queue = [tp for tp in todo if tp.action == "quantize"]
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrq-read")
+        self.pending: tuple[str, Future] | None = None
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self.queue:
+            tp = self.queue.pop(0)
+            self.pending = (tp.name, self.pool.submit(read_tensor, self.plan.source.tensors[tp.name]))
+        else:
+            self.pending = None
+
+    def take(self, name: str) -> torch.Tensor:
+        if self.pending is None or self.pending[0] != name:
+            raise RuntimeError(f"read-ahead out of order at {name!r}")
+        tensor = self.pending[1].result()
+        self._schedule()
+        return tensor
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _run_plan(plan: ConversionPlan, writer: StreamingWriter, journal: Journal, run: RunOptions) -> dict[str, Any]:
     kill_after = _kill_hook()
     pin_large_allocations_to_mmap()
@@ -253,6 +285,8 @@ def _run_plan(plan: ConversionPlan, writer: StreamingWriter, journal: Journal, r
     records: dict[str, Any] = {}
     base_rss = _rss_reset_and_read()
     written = 0
+    todo = [tp for tp in plan.tensors if tp.name not in journal.done]
+    ahead = _ReadAhead(plan, todo)
     try:
         for tp in plan.tensors:
             info = plan.source.tensors[tp.name]
@@ -261,7 +295,9 @@ def _run_plan(plan: ConversionPlan, writer: StreamingWriter, journal: Journal, r
                     records[tp.name] = LayerRecord.from_json(journal.done[tp.name])
                 progress.step(info.nbytes, tp.name)
                 continue
-            record = _run_one(plan, tp, info, writer, run)
+            weight = ahead.take(tp.name) if tp.action == "quantize" else None
+            record = _run_one(plan, tp, info, writer, run, weight)
+            del weight
             if record is not None:
                 records[tp.name] = record
             journal.mark_done(tp.name, record.to_json() if record is not None else None)
@@ -270,6 +306,7 @@ def _run_plan(plan: ConversionPlan, writer: StreamingWriter, journal: Journal, r
             if kill_after is not None and written >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
     finally:
+        ahead.close()
         progress.close()
     peak = _proc_status_kb("VmHWM") * 1024
     records["__peak__"] = peak - base_rss if peak and base_rss else None
@@ -277,7 +314,12 @@ def _run_plan(plan: ConversionPlan, writer: StreamingWriter, journal: Journal, r
 
 
 def _run_one(
-    plan: ConversionPlan, tp: TensorPlan, info: TensorInfo, writer: StreamingWriter, run: RunOptions
+    plan: ConversionPlan,
+    tp: TensorPlan,
+    info: TensorInfo,
+    writer: StreamingWriter,
+    run: RunOptions,
+    weight: torch.Tensor | None,
 ) -> LayerRecord | None:
     if tp.action == "remove":
         return None
@@ -291,6 +333,7 @@ def _run_one(
         device=run.device,
         stats=_stats_for(run.calibration, tp.layer),
         full_precision_matrix_mult=plan.options.full_precision_matrix_mult,
+        weight=weight,
     )
     for name, t in tensors.items():
         writer.write(name, t)
