@@ -33,7 +33,6 @@ from lrq_ao.primitives import (
     check_2d,
     check_finite,
     compute_scale,
-    dequantize,
     quantize_rtn,
     quantize_with_scale,
 )
@@ -193,8 +192,17 @@ class QuantizedWeightTensor(TorchAOBaseTensor):
     # ---- views of the data ----------------------------------------------------------------------------------
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """A plain tensor ``qdata.float() * scale`` in ``dtype`` (default: the tensor's own dtype)."""
-        return dequantize(self.qdata, self.scale, self.block_size, self.dtype if dtype is None else dtype)
+        """A plain tensor ``qdata.float() * scale`` in ``dtype`` (default: the tensor's own dtype).
+
+        Bit-identical to ``lrq_ao.primitives.dequantize`` (one float32 multiply per element), but the scale is
+        broadcast over a ``(N/bn, bn, K/bk, bk)`` view instead of being expanded to the full weight shape, so no
+        (N, K) float32 scale tensor is materialized and the compiler can fuse it into the matmul.
+        """
+        n, k = self.qdata.shape
+        bn, bk = self.block_size
+        blocks = self.qdata.float().reshape(n // bn, bn, k // bk, bk)
+        values = (blocks * self.scale.reshape(n // bn, 1, k // bk, 1)).reshape(n, k)
+        return values.to(self.dtype if dtype is None else dtype)
 
     @property
     def layout_name(self) -> str:

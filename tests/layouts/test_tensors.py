@@ -7,7 +7,7 @@ import torch
 from expecttest import assert_expected_inline
 
 from lrq_ao.layouts import ActivationMode, Float8Tensor, Int8Tensor, KernelChoice, make_weight_tensor
-from lrq_ao.primitives import FP8_DTYPE, MIN_SCALE, format_spec, quantize_rtn, sqnr
+from lrq_ao.primitives import FP8_DTYPE, MIN_SCALE, dequantize, format_spec, quantize_rtn, sqnr
 
 CLASSES = {FP8_DTYPE: Float8Tensor, torch.int8: Int8Tensor}
 
@@ -32,6 +32,9 @@ def test_from_hp_matches_primitives_and_meets_floor(fmt):
     assert torch.equal(t.qdata.view(torch.uint8), qdata.view(torch.uint8))
     assert torch.equal(t.scale, scale)
     assert sqnr(w.double(), t.dequantize(torch.float64)) >= DEQUANT_FLOORS[fmt]
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(t.dequantize(dtype), dequantize(qdata, scale, block_size, dtype))
+        assert torch.equal(t.t().dequantize(dtype), dequantize(qdata, scale, block_size, dtype).t())
 
 
 def test_dequantize_is_qdata_times_block_scale_in_float64():
