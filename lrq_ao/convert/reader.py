@@ -135,10 +135,15 @@ class ComfyCheckpoint:
 
     def load_layer(self, name: str) -> ComfyLayer:
         """Read ``<name>.weight`` into ``layers[name].qdata`` and return the layer."""
-        layer = self.layers[name]
-        if layer.qdata is None:
-            layer.qdata = self.get_tensor(name + WEIGHT_SUFFIX)
-        return layer
+        return self.load_layers([name])[0]
+
+    def load_layers(self, names: list[str] | None = None) -> list[ComfyLayer]:
+        """Read the weights of ``names`` (default: every quantized layer) in one pass over the file."""
+        layers = [self.layers[n] for n in (self.layers if names is None else names)]
+        todo = [layer.name + WEIGHT_SUFFIX for layer in layers if layer.qdata is None]
+        for key, tensor in _read_tensors(self.path, todo).items():
+            self.layers[key[: -len(WEIGHT_SUFFIX)]].qdata = tensor
+        return layers
 
     def describe(self) -> str:
         """A table of the quantized layers: name, format, shape, block size, stock-ComfyUI loadability."""
@@ -410,8 +415,9 @@ def load_comfy(
     """
     ckpt = read_comfy(path)
     state = {k: _cast_floating(t, dtype) for k, t in _read_tensors(ckpt.path, ckpt.plain_keys()).items()}
-    for name in ckpt.layers:
-        state[name + WEIGHT_SUFFIX] = _weight_tensor(ckpt.load_layer(name), dtype, act, kernel)
+    for layer in ckpt.load_layers():
+        state[layer.name + WEIGHT_SUFFIX] = _weight_tensor(layer, dtype, act, kernel)
+        layer.qdata = None  # the lrq_ao tensor holds it now
     return state
 
 
@@ -460,11 +466,11 @@ def load_comfy_into(
             f"{_first(result.missing_keys)}, {len(unexpected)} unexpected key(s) {_first(result.unexpected_keys)}; "
             f"check `prefix` (got {prefix!r}) or pass strict=False"
         )
-    for key, name in quantized.items():
+    for key, layer in zip(quantized, ckpt.load_layers(list(quantized.values()))):
         module_path, _, attr = key.rpartition(".")
-        weight = _weight_tensor(ckpt.load_layer(name), dtype, act, kernel)
+        weight = _weight_tensor(layer, dtype, act, kernel)
         setattr(model.get_submodule(module_path), attr, torch.nn.Parameter(weight, requires_grad=False))
-        ckpt.layers[name].qdata = None  # the lrq_ao tensor holds it now; do not keep a second reference
+        layer.qdata = None  # the lrq_ao tensor holds it now; do not keep a second reference
     tensors = _read_tensors(ckpt.path, list(plain.values()))
     state = {local: _cast_floating(tensors[key], dtype) for local, key in plain.items()}
     model.load_state_dict(state, strict=False, assign=True)
