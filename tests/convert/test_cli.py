@@ -247,3 +247,17 @@ def test_console_script_is_installed():
     assert exe, "lrq-convert console script not found: reinstall the package (pip install -e .)"
     result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "lrq-convert" in result.stdout
+
+
+def test_python_api_matches_the_cli(minilm_path, tmp_path, capsys):
+    from lrq_ao.convert import convert_checkpoint
+
+    report = convert_checkpoint(
+        minilm_path, tmp_path / "api.safetensors", format="int8_tensorwise", simple=True, verify=True
+    )
+    assert report.verify["ok"] and len(report.layers) == 36
+    code, _, err = run_main(
+        ["-i", minilm_path, "-o", tmp_path / "cli.safetensors", "--int8", "--simple", "--quiet"], capsys
+    )
+    assert code == 0, err
+    assert (tmp_path / "api.safetensors").read_bytes() == (tmp_path / "cli.safetensors").read_bytes()
