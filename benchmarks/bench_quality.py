@@ -13,7 +13,8 @@ against float32 on the held-out evaluation sentences (calibration sentences are 
   ours_seq     ``ours`` with statistics recaptured on the partially quantized model, stage by stage
                (q/k/v, attention output, intermediate, output of each layer)
 
-Weights are replaced by their dequantized values (weight-only, float32 compute) so the numbers isolate rounding.
+Quantization goes through the product path, ``lrq_ao.quantize_`` (weight-only, float32 activations on CPU), so
+the numbers isolate rounding.
 
     python benchmarks/bench_quality.py                       # all formats, all methods (~4 min on 1 core)
     python benchmarks/bench_quality.py --formats fp8 --methods rtn,ours --csv out.csv
@@ -23,16 +24,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import time
 
 import torch
 
+from lrq_ao.api import quantize_
 from lrq_ao.config import LearnedRoundingConfig
-from lrq_ao.primitives import dequantize
 from lrq_ao.quality.metrics import evaluate
-from lrq_ao.quality.minilm import encoder_linear_names, load_minilm
+from lrq_ao.quality.minilm import load_minilm
 from lrq_ao.quality.texts import calibration_batches, evaluation_batches
-from lrq_ao.rounding import calibrate, quantize_weight
+from lrq_ao.rounding import calibrate
+from lrq_ao.rounding.sequential import quantize_sequential
 
 FORMATS = ("fp8", "fp8_row", "int8", "int8_block")
 METHODS = ("rtn", "ref", "ref_aware", "act_svd", "gptq", "ours", "ours_seq")
@@ -63,51 +66,28 @@ def method_config(method: str, fmt: str, ref_iters: int) -> dict:
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
-def stage_groups(names: list[str]) -> list[list[str]]:
-    """Linears grouped by the stage whose inputs they read (q/k/v share one input)."""
-    groups: list[list[str]] = []
-    for name in names:
-        if (
-            groups
-            and name.rsplit(".", 1)[0].endswith("self")
-            and groups[-1][0].rsplit(".", 1)[0] == name.rsplit(".", 1)[0]
-        ):
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-    return groups
+def forward(model, batch):
+    return model(*batch)
 
 
-def capture(model, batches, names=None):
-    keep = None if names is None else set(names)
-    with torch.no_grad(), calibrate(model, filter_fn=None if keep is None else (lambda m, n: n in keep)) as calib:
-        for b in batches:
-            model(*b)
-    return calib
+def token_mask(batch):
+    return batch.attention_mask
 
 
-def set_dequantized(model, name: str, rounded) -> None:
-    lin = model.get_submodule(name)
-    lin.weight.data = dequantize(rounded.qdata, rounded.scale, rounded.block_size)
-
-
-def quantize_model(model, cfg: LearnedRoundingConfig, names, calib_batches, sequential: bool) -> list[dict]:
-    reports = []
-    if not sequential:
-        calib = capture(model, calib_batches) if cfg.objective in ("output", "act_svd") else None
-        for name in names:
-            stats = calib.stats(name) if calib is not None else None
-            r = quantize_weight(model.get_submodule(name).weight, cfg, name=name, stats=stats)
-            reports.append(r.report)
-            set_dequantized(model, name, r)
-        return reports
-    for group in stage_groups(names):
-        calib = capture(model, calib_batches, group)
-        rounded = [quantize_weight(model.get_submodule(n).weight, cfg, name=n, stats=calib.stats(n)) for n in group]
-        for n, r in zip(group, rounded):
-            reports.append(r.report)
-            set_dequantized(model, n, r)
-    return reports
+def quantize_model(model, cfg: LearnedRoundingConfig, calib_batches, sequential: bool):
+    """Quantize the encoder linears through the product path (``lrq_ao.quantize_``); returns per-layer reports."""
+    only_encoder = lambda m, n: n.startswith("encoder.")  # noqa: E731
+    if sequential:
+        return quantize_sequential(
+            model, cfg, calib_batches, forward=forward, token_mask=token_mask, filter_fn=only_encoder
+        ).layers
+    calib = None
+    if cfg.objective in ("output", "act_svd"):
+        with torch.no_grad(), calibrate(model, filter_fn=only_encoder) as calib:
+            for batch in calib_batches:
+                calib.token_mask = token_mask(batch)
+                forward(model, batch)
+    return quantize_(model, dataclasses.replace(cfg, calibration=calib), filter_fn=only_encoder).layers
 
 
 def main() -> None:
@@ -123,7 +103,6 @@ def main() -> None:
     if args.quick:
         calib_batches, eval_batches = calib_batches[:2], eval_batches[:2]
     model_fp = load_minilm()
-    names = encoder_linear_names(model_fp)
     rows = []
     print(f"{'format':<11}{'method':<11}{'e2e SQNR dB':>12}{'vs RTN':>8}{'moved %':>9}{'kept RTN':>9}{'seconds':>9}")
     for fmt in args.formats.split(","):
@@ -132,7 +111,7 @@ def main() -> None:
             cfg = LearnedRoundingConfig(**method_config(method, fmt, args.ref_iters))
             model_q = load_minilm()
             t0 = time.perf_counter()
-            reports = quantize_model(model_q, cfg, names, calib_batches, sequential=method == "ours_seq")
+            reports = quantize_model(model_q, cfg, calib_batches, sequential=method == "ours_seq")
             seconds = time.perf_counter() - t0
             db = evaluate(model_fp, model_q, eval_batches).end_to_end_sqnr
             rtn_db = db if method == "rtn" else rtn_db

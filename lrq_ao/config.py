@@ -76,6 +76,7 @@ class LearnedRoundingConfig(AOBaseConfig):
     objective_damp: float = 0.0
     shrinkage: float = 0.0
     neighbours_only: bool = False
+    compensate_drift: bool = True
     act_order: bool = True
     relaxation: str = "auto"
     greedy_passes: int = 2
@@ -105,6 +106,10 @@ class LearnedRoundingConfig(AOBaseConfig):
         _check_choice("init", self.init, INITS)
         if self.greedy_passes < 0:
             raise ValueError(f"LearnedRoundingConfig.greedy_passes must be >= 0, got {self.greedy_passes}")
+        if not 0.0 <= self.shrinkage <= 1.0:
+            raise ValueError(f"LearnedRoundingConfig.shrinkage must be in [0, 1], got {self.shrinkage}")
+        if self.objective_damp < 0:
+            raise ValueError(f"LearnedRoundingConfig.objective_damp must be >= 0, got {self.objective_damp}")
         if not 0.0 < self.damp <= 10.0:
             raise ValueError(f"LearnedRoundingConfig.damp must be in (0, 10], got {self.damp}")
         _check_choice("lr_schedule", self.lr_schedule, SCHEDULES)

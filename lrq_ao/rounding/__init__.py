@@ -76,8 +76,22 @@ def _build_objective(objective: str, w: torch.Tensor, stats: LinearStats | None,
     if h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"calibration statistics for {name!r} are {tuple(h.shape)}, expected K×K with K={w.shape[1]}")
     if objective == "output":
-        return output_objective(h, cfg.objective_damp)
+        if stats.cross is None or not cfg.compensate_drift:
+            return output_objective(h, cfg.objective_damp)
+        cross, drift_h = (stats.cross.to(device=w.device), stats.drift_h.to(device=w.device))
+        return output_objective(h, cfg.objective_damp, w=w, cross=cross, drift_h=drift_h)
     return act_svd_objective(h, cfg.top_p, cfg.min_k, cfg.max_k)
+
+
+def gptq_target(w: torch.Tensor, h: torch.Tensor, obj: Objective, damp: float) -> torch.Tensor:
+    """The weight GPTQ should approach: ``W`` itself, or with a drift-aware objective the unconstrained optimum
+    ``W + B·(H + λI)⁻¹`` (``B`` its linear part), since ``quad − 2⟨E, B⟩`` is ``‖(E − B H⁻¹) H^{1/2}‖²`` + const."""
+    if obj.linear is None:
+        return w
+    ridge = damp * h.diagonal().mean().clamp_min(1e-12)
+    chol = torch.linalg.cholesky(h.double() + ridge * torch.eye(h.shape[0], device=h.device, dtype=torch.float64))
+    shift = torch.cholesky_solve(obj.linear.double().T, chol).T
+    return (w.double() + shift).float()
 
 
 def shrunk_h(h: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -113,7 +127,7 @@ def quantize_weight(
         w_dq = dequantize(qdata.to(dev), scale.to(dev), block_size)
         report.update(weight_sqnr_db=sqnr(w, w_dq), objective_rtn=None, objective_final=None, kept_rtn=True)
         report.update(moved_fraction=0.0, init="rtn", relaxation="none", seconds=time.perf_counter() - t0)
-        return RoundedWeight(qdata, scale, block_size, report, _bias_delta(config, stats, w_dq - w, dev, w_cpu_dev))
+        return RoundedWeight(qdata, scale, block_size, report, _bias_delta(config, stats, w, w_dq - w, dev, w_cpu_dev))
 
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(config.seed)  # svd_lowrank and the relaxations draw random numbers
@@ -182,7 +196,7 @@ def _learned_rounding(w, qdata, scale, block_size, config, objective, init, rela
     )
     if objective in ("output", "act_svd") and stats is not None:
         report["output_sqnr_db"] = _output_sqnr(w, w_dq, stats.h.to(dev))
-    bias_delta = _bias_delta(config, stats, w_dq - w, dev, out_device)
+    bias_delta = _bias_delta(config, stats, w, w_dq - w, dev, out_device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     report["seconds"] = time.perf_counter() - t0
@@ -197,7 +211,7 @@ def _output_sqnr(w: torch.Tensor, w_dq: torch.Tensor, h: torch.Tensor) -> float:
     return float("inf") if err <= 0 else 10.0 * torch.log10(torch.tensor(sig / err)).item()
 
 
-def _bias_delta(config, stats, err, dev, out_device) -> torch.Tensor | None:
+def _bias_delta(config, stats, w, err, dev, out_device) -> torch.Tensor | None:
     """``(W_dq − W) · E[x]``: the mean output shift the rounding causes, which the caller subtracts from the bias."""
     if not config.bias_correction:
         return None
@@ -206,4 +220,8 @@ def _bias_delta(config, stats, err, dev, out_device) -> torch.Tensor | None:
             "bias_correction=True needs calibration statistics (the real input mean); run lrq_ao.calibrate first "
             "or turn bias_correction off"
         )
-    return (err @ stats.mean.to(device=dev, dtype=torch.float32)).to(out_device)
+    shift = err @ stats.mean.to(device=dev, dtype=torch.float32)
+    if stats.drift_mean is not None and config.compensate_drift:
+        # Against the float model the mean output error is E·E[x] − W·E[x_ref − x].
+        shift = shift - w @ stats.drift_mean.to(device=dev, dtype=torch.float32)
+    return shift.to(out_device)

@@ -31,34 +31,61 @@ FILE_VERSION = "1"
 
 @dataclass
 class LinearStats:
-    """Input statistics of one linear layer: ``h = E[x xᵀ]`` (K × K), ``mean = E[x]`` (K,), ``count`` rows."""
+    """Input statistics of one linear layer: ``h = E[x xᵀ]`` (K × K), ``mean = E[x]`` (K,), ``count`` rows.
+
+    Captured against a float reference model (``calibrate(model, reference=...)``), ``x`` is the input the
+    partially quantized model feeds the layer and, with ``d = x_ref − x`` the drift from the reference,
+    ``cross = E[d xᵀ]``, ``drift_h = E[d dᵀ]`` and ``drift_mean = E[d]``; the rounding can then also compensate
+    the error of the layers before it (see ``objectives.output_objective``).
+    """
 
     h: torch.Tensor
     mean: torch.Tensor
     count: int
+    cross: torch.Tensor | None = None
+    drift_h: torch.Tensor | None = None
+    drift_mean: torch.Tensor | None = None
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None, device) -> torch.Tensor:
+    """The input as (rows, K) float32; with a token mask of the input's leading shape, only the kept tokens."""
+    if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+        x = x[mask.to(device=x.device, dtype=torch.bool)]
+    return x.reshape(-1, x.shape[-1]).to(device=device, dtype=torch.float32)
 
 
 class _Accumulator:
-    def __init__(self, k: int, device: torch.device) -> None:
+    def __init__(self, k: int, device: torch.device, paired: bool = False) -> None:
         self.sum_xx = torch.zeros(k, k, dtype=torch.float32, device=device)
         self.sum_x = torch.zeros(k, dtype=torch.float64, device=device)
         self.count = 0
+        self.sum_dx = torch.zeros(k, k, dtype=torch.float32, device=device) if paired else None
+        self.sum_dd = torch.zeros(k, k, dtype=torch.float32, device=device) if paired else None
+        self.sum_d = torch.zeros(k, dtype=torch.float64, device=device) if paired else None
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        rows = x.reshape(-1, x.shape[-1]).to(device=self.sum_xx.device, dtype=torch.float32)
+    def add(self, rows: torch.Tensor, ref_rows: torch.Tensor | None = None) -> None:
         self.sum_xx.addmm_(rows.T, rows)
         self.sum_x += rows.sum(dim=0, dtype=torch.float64)
         self.count += rows.shape[0]
+        if self.sum_dx is not None:
+            d = ref_rows - rows
+            self.sum_dx.addmm_(d.T, rows)
+            self.sum_dd.addmm_(d.T, d)
+            self.sum_d += d.sum(dim=0, dtype=torch.float64)
 
     def copy(self) -> _Accumulator:
         out = _Accumulator.__new__(_Accumulator)
-        out.sum_xx, out.sum_x, out.count = self.sum_xx.clone(), self.sum_x.clone(), self.count
+        for key, value in vars(self).items():
+            setattr(out, key, value.clone() if isinstance(value, torch.Tensor) else value)
         return out
 
     def stats(self) -> LinearStats:
         n = max(self.count, 1)
-        return LinearStats(self.sum_xx / n, (self.sum_x / n).float(), self.count)
+        st = LinearStats(self.sum_xx / n, (self.sum_x / n).float(), self.count)
+        if self.sum_dx is not None:
+            st.cross, st.drift_h, st.drift_mean = self.sum_dx / n, self.sum_dd / n, (self.sum_d / n).float()
+        return st
 
 
 class Calibration:
@@ -69,25 +96,49 @@ class Calibration:
         self._stats: dict[str, LinearStats] = {}
         self._alias: dict[str, str] = {}
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self._ref_inputs: dict[str, torch.Tensor] = {}
+        self.paired = False
+        # Set to the batch's (B, T) attention mask before each forward to leave padding tokens out.
+        self.token_mask: torch.Tensor | None = None
 
     # -- capture -------------------------------------------------------------------------------------------
     def _observe(self, name: str, x: torch.Tensor, device: torch.device | None) -> None:
         hit = self._seen.get(id(x))
         owner = hit[1] if hit is not None and hit[0] is x else None
-        if name in self._alias and self._alias[name] != owner:
+        if name in self._alias and self._alias[name] == owner:
+            self._ref_inputs.pop(name, None)
+            return
+        if name in self._alias:
             # This layer shared its input so far but not now: it gets its own copy of the shared sums.
             self._acc[name] = self._acc[self._alias.pop(name)].copy()
         if owner is not None and owner != name and name not in self._acc:
             self._alias[name] = owner
+            self._ref_inputs.pop(name, None)
             return
+        dev = device or x.device
+        ref_rows = None
+        if self.paired:
+            if name not in self._ref_inputs:
+                raise RuntimeError(
+                    f"calibrate(model, reference=...): {name!r} ran in the model before the reference model saw "
+                    f"this batch; call reference(batch) first, then model(batch)"
+                )
+            ref_rows = _rows(self._ref_inputs.pop(name), self.token_mask, dev)
         if name not in self._acc:
-            self._acc[name] = _Accumulator(x.shape[-1], device or x.device)
-        self._acc[name].add(x)
+            self._acc[name] = _Accumulator(x.shape[-1], dev, paired=self.paired)
+        self._acc[name].add(_rows(x, self.token_mask, dev), ref_rows)
         self._seen[id(x)] = (x, name)
         self._stats.pop(name, None)
 
     def _reset_forward(self) -> None:
         self._seen.clear()
+
+    def _end_forward(self) -> None:
+        self._seen.clear()
+        self._ref_inputs.clear()
+
+    def _observe_reference(self, name: str, x: torch.Tensor) -> None:
+        self._ref_inputs[name] = x.detach()
 
     # -- access --------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -118,6 +169,9 @@ class Calibration:
             tensors[f"{name}.h"] = st.h.float().contiguous().cpu()
             tensors[f"{name}.mean"] = st.mean.float().contiguous().cpu()
             tensors[f"{name}.count"] = torch.tensor([st.count], dtype=torch.int64)
+            for extra in ("cross", "drift_h", "drift_mean"):
+                if getattr(st, extra) is not None:
+                    tensors[f"{name}.{extra}"] = getattr(st, extra).float().contiguous().cpu()
         meta = {"lrq_ao_calibration": FILE_VERSION, "aliases": json.dumps(self._alias, sort_keys=True)}
         save_file(tensors, os.fspath(path), metadata=meta)
 
@@ -135,11 +189,15 @@ class Calibration:
                     f"{path} is not an lrq_ao calibration file (version {FILE_VERSION}); write one with "
                     f"lrq_ao.calibrate(model) ... calib.save(path)"
                 )
-            owners = {k.rsplit(".", 1)[0] for k in f}
+            keys = set(f.keys())
+            owners = {k.rsplit(".", 1)[0] for k in keys}
             for name in owners:
                 out._stats[name] = LinearStats(
                     f.get_tensor(f"{name}.h"), f.get_tensor(f"{name}.mean"), int(f.get_tensor(f"{name}.count")[0])
                 )
+                for extra in ("cross", "drift_h", "drift_mean"):
+                    if f"{name}.{extra}" in keys:
+                        setattr(out._stats[name], extra, f.get_tensor(f"{name}.{extra}"))
         out._alias = json.loads(meta.get("aliases", "{}"))
         missing = set(out._alias.values()) - set(out._stats)
         if missing:
@@ -153,31 +211,49 @@ def calibrate(
     *,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     device: str | torch.device | None = None,
+    reference: nn.Module | None = None,
 ) -> Iterator[Calibration]:
     """Capture input statistics of every ``nn.Linear`` in ``model`` (those ``filter_fn(module, name)`` accepts)
-    while the ``with`` block runs forward passes. ``device`` holds the accumulators (default: the input's)."""
+    while the ``with`` block runs forward passes. ``device`` holds the accumulators (default: the input's).
+
+    With ``reference`` (the float model, same module names) every batch must run through ``reference`` first and
+    then through ``model``; the statistics then also describe how far ``model``'s inputs drifted from the
+    reference's (``LinearStats.cross``), which lets the rounding compensate earlier layers' error.
+    Set ``calib.token_mask`` to the batch's attention mask before its forward passes to skip padding tokens.
+    """
     calib = Calibration()
+    calib.paired = reference is not None
     dev = torch.device(device) if device is not None else None
+    linears = {
+        n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(m, n))
+    }
+    if not linears:
+        raise ValueError("calibrate(model): the model has no nn.Linear that the filter accepts; nothing to capture")
     # Identity of inputs only means something within one forward pass: forget them before and after each.
     handles = [
         model.register_forward_pre_hook(lambda mod, args: calib._reset_forward()),
-        model.register_forward_hook(lambda mod, args, out: calib._reset_forward()),
+        model.register_forward_hook(lambda mod, args, out: calib._end_forward()),
     ]
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and (filter_fn is None or filter_fn(mod, name)):
+    for name, mod in linears.items():
 
-            def hook(mod, args, name=name):
-                calib._observe(name, args[0], dev)
+        def hook(mod, args, name=name):
+            calib._observe(name, args[0], dev)
 
-            handles.append(mod.register_forward_pre_hook(hook))
-    if len(handles) == 2:
-        raise ValueError("calibrate(model): the model has no nn.Linear that the filter accepts; nothing to capture")
+        handles.append(mod.register_forward_pre_hook(hook))
+    if reference is not None:
+        for name, mod in reference.named_modules():
+            if name in linears:
+
+                def ref_hook(mod, args, name=name):
+                    calib._observe_reference(name, args[0])
+
+                handles.append(mod.register_forward_pre_hook(ref_hook))
     try:
         yield calib
     finally:
         for h in handles:
             h.remove()
-        calib._reset_forward()
+        calib._end_forward()
 
 
 def stats_for(calibration, fqn: str, module: nn.Module | None = None) -> LinearStats | None:

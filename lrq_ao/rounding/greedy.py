@@ -87,7 +87,7 @@ def greedy_refine(
                 pd = obj.apply_p(d)
                 idx[:, j] = new_idx
                 delta[:, j - b0] = d
-                g[:, j:b1] += 2.0 * pd[:, None] * m[j, j:b1][None, :]
+                g[:, b0:b1] += 2.0 * pd[:, None] * m[j, b0:b1][None, :]
             g_blk = g[:, b0:b1].clone()
             g += 2.0 * obj.apply_p(delta) @ m[b0:b1, :]
             g[:, b0:b1] = g_blk

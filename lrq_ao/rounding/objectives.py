@@ -40,6 +40,9 @@ class Objective:
     left: torch.Tensor | None = None  # L (N × a) or None for the identity
     rank: int = 0
     m: torch.Tensor | None = None  # M = R Rᵀ (K × K); computed from R when not given
+    # Optional linear part (only with left=None): quad(E) − 2⟨E, B⟩ + c, for inputs that drifted (see output_objective).
+    linear: torch.Tensor | None = None
+    const: torch.Tensor | float = 0.0
 
     def __post_init__(self) -> None:
         if self.m is None:
@@ -50,17 +53,21 @@ class Objective:
     def loss(self, e: torch.Tensor) -> torch.Tensor:
         """``‖Lᵀ E R‖`` (differentiable; a 0-d tensor, no host sync)."""
         pe = e if self.left is None else self.left.T @ e
-        if self.right is not None:
+        if self.right is not None and self.linear is None:
             return torch.linalg.vector_norm(pe @ self.right)
-        return ((pe @ self.m) * pe).sum().clamp_min(0).sqrt()
+        quad = ((pe @ self.m) * pe).sum()
+        if self.linear is not None:
+            quad = quad - 2 * (e * self.linear).sum() + self.const
+        return quad.clamp_min(0).sqrt()
 
     def apply_p(self, d: torch.Tensor) -> torch.Tensor:
         """``P @ d`` for a column or matrix ``d`` with N rows."""
         return d if self.left is None else self.left @ (self.left.T @ d)
 
     def grad_quad(self, e: torch.Tensor) -> torch.Tensor:
-        """Gradient of ``quad(E) = loss(E)²``: ``2 P E M``."""
-        return 2.0 * self.apply_p(e @ self.m)
+        """Gradient of ``loss(E)²``: ``2 P E M`` (minus ``2 B`` with a linear part)."""
+        g = 2.0 * self.apply_p(e @ self.m)
+        return g if self.linear is None else g - 2.0 * self.linear
 
 
 def truncated_svd(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,13 +91,29 @@ def svd_objective(w: torch.Tensor, top_p: float, min_k: int, max_k: int) -> Obje
     return Objective("svd", right=v, left=u, rank=k)
 
 
-def output_objective(h: torch.Tensor, damp: float = 0.0) -> Objective:
+def output_objective(
+    h: torch.Tensor,
+    damp: float = 0.0,
+    *,
+    w: torch.Tensor | None = None,
+    cross: torch.Tensor | None = None,
+    drift_h: torch.Tensor | None = None,
+) -> Objective:
     """``sqrt(tr(E (H + damp·mean(diag H)·I) Eᵀ))``: the RMS layer-output error on the calibration inputs, with an
-    optional ridge that pulls towards plain weight error where the calibration data says little."""
+    optional ridge that pulls towards plain weight error where the calibration data says little.
+
+    With drift statistics (inputs ``x`` of the partially quantized model, ``d = x_ref − x``): the error against
+    the *float* model's output, ``E‖(W + E) x − W x_ref‖² = tr(E H Eᵀ) − 2⟨E, W·E[d xᵀ]⟩ + tr(W E[d dᵀ] Wᵀ)``.
+    """
     h = h.float()
     if damp > 0:
         h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], device=h.device)
-    return Objective("output", right=None, rank=h.shape[0], m=h)
+    if cross is None:
+        return Objective("output", right=None, rank=h.shape[0], m=h)
+    w = w.float()
+    linear = w @ cross.float()
+    const = ((w @ drift_h.float()) * w).sum()
+    return Objective("output", right=None, rank=h.shape[0], m=h, linear=linear, const=const)
 
 
 def act_svd_objective(h: torch.Tensor, top_p: float, min_k: int, max_k: int) -> Objective:
