@@ -2,7 +2,8 @@
 
 Declared once here; ``Float8Tensor`` and ``Int8Tensor`` inherit them. Each handler keeps ``qdata``, ``scale`` and
 ``block_size`` coherent: a transpose transposes the scale grid and the block size, a slice along the output
-dimension slices the scale grid (and must stay on block boundaries), a ``.to(dtype)`` changes the dtype the
+dimension slices the scale grid (and must stay on block boundaries), ``split``/``chunk``/``cat`` along the output
+dimension keep each part's scales (never merged or requantized), a ``.to(dtype)`` changes the dtype the
 tensor dequantizes to. Anything not listed raises ``NotImplementedError`` naming the op and the layout
 (``QuantizedWeightTensor.__torch_dispatch__``).
 """
@@ -167,6 +168,51 @@ def _index_select(func, types, args, kwargs):
             f"of {bn} consecutive, block-aligned rows"
         )
     return _rebuild(t, rows, t.scale.index_select(0, blocks[:, 0] // bn), t.block_size)
+
+
+def _row_sizes(split, n: int) -> list[int]:
+    if isinstance(split, int):
+        return [min(split, n - start) for start in range(0, n, split)]
+    return list(split)
+
+
+@implements([aten.split.Tensor, aten.split_with_sizes.default])
+def _split(func, types, args, kwargs):
+    """Split along the output dimension (a fused QKV into Q, K, V); each piece keeps its rows' scales."""
+    t = args[0]
+    split = args[1] if len(args) > 1 else kwargs.get("split_size", kwargs.get("split_sizes"))
+    dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+    if dim % 2 != 0:
+        raise NotImplementedError(
+            f"{func} along the input dimension: {unsupported_op_message(func, args, kwargs)}; only the output "
+            f"dimension (dim 0) is supported"
+        )
+    pieces, start = [], 0
+    for size in _row_sizes(split, t.shape[0]):
+        scale, block_size = _rows_scale(t, start, start + size, "split")
+        pieces.append(_rebuild(t, t.qdata[start : start + size], scale, block_size))
+        start += size
+    return pieces
+
+
+@implements([aten.cat.default])
+def _cat(func, types, args, kwargs):
+    """Concatenate along the output dimension (fusing Q, K, V). Parts must share class, block size, dtype,
+    activation mode and kernel: scales are never merged or requantized."""
+    parts = list(args[0])
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    first = parts[0]
+    if dim % 2 != 0 or not all(isinstance(p, QuantizedWeightTensor) for p in parts):
+        raise NotImplementedError(
+            f"{func}: {unsupported_op_message(func, args, kwargs)}; only quantized weights along dim 0 concatenate"
+        )
+    meta = {(type(p), p.block_size, p.shape[1], p.dtype, p.act, p.kernel) for p in parts}
+    if len(meta) != 1:
+        raise ValueError(
+            f"cat of quantized weights needs one class, block size, K, dtype, activation mode and kernel; got "
+            f"{sorted(str(m) for m in meta)}. Requantize the fused weight with from_hp() instead"
+        )
+    return _rebuild(first, torch.cat([p.qdata for p in parts]), torch.cat([p.scale for p in parts]), first.block_size)
 
 
 # ---- copies, device moves and dtype changes -----------------------------------------------------------------

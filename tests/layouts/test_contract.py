@@ -129,6 +129,24 @@ class LayoutContract:
         with pytest.raises(NotImplementedError, match="input dimension"):
             t[:, :BLOCK]
 
+    def test_split_and_cat_along_output_dim(self, case):
+        fmt, kind, _, t = case
+        dq = t.dequantize()
+        pieces = t.split(BLOCK)
+        assert [p.shape[0] for p in pieces] == [BLOCK, BLOCK]
+        assert all(type(p) is type(t) for p in pieces)
+        assert torch.equal(torch.cat([p.dequantize() for p in pieces]), dq)
+        assert all(torch.equal(a.dequantize(), b.dequantize()) for a, b in zip(t.chunk(2), pieces))
+        fused = torch.cat(pieces)
+        assert type(fused) is type(t) and torch.equal(fused.dequantize(), dq)
+        if t.block_size[0] == N:  # per-tensor pieces keep their own scales: the result is honestly block-wise
+            assert fused.layout_name == f"block {BLOCK}x{K}" and fused.scale.shape == (2, 1)
+        else:
+            assert fused.block_size == t.block_size and torch.equal(fused.scale, t.scale)
+        other = self.make(fmt, "weight_only" if kind == "dynamic" else "dynamic", _gaussian(N, K, seed=9))
+        with pytest.raises(ValueError, match="needs one class, block size"):
+            torch.cat([t, other])
+
     def test_view_same_shape_only(self, case):
         _, _, _, t = case
         assert torch.equal(t.view(N, K).dequantize(), t.dequantize())
