@@ -45,7 +45,9 @@ def round_to_e4m3(x):
     step = (step_exp << 23).to(tl.float32, bitcast=True)
     inv_step = ((254 - step_exp) << 23).to(tl.float32, bitcast=True)
     magnitude = rint_f32(tl.abs(x) * inv_step) * step
-    return tl.where(bits < 0, -magnitude, magnitude)
+    # Copy the sign bit back (Triton's unary minus is ``0 - m``, which would turn -0.0 into +0.0).
+    sign = (bits >> 31) << 31
+    return (magnitude.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
