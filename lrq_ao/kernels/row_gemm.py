@@ -65,7 +65,10 @@ def _row_scaled_gemm_kernel(
         k_mask = (k0 + offs_k) < K
         a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(a, b, acc)
+        if IS_INT:
+            acc += tl.dot(a, b, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     sa = tl.load(sa_ptr + safe_m * stride_sa)
