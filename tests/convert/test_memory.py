@@ -39,14 +39,10 @@ def test_peak_rss_is_bounded_by_a_few_tensors(tmp_path):
             stderr=err,
             env=dict(os.environ, OMP_NUM_THREADS="1"),
         )
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not the max over all children
-    child.returncode = os.waitstatus_to_exitcode(status)
-    assert child.returncode == 0, (tmp_path / "stderr.txt").read_text()
+    # ru_maxrss is no use here: Linux carries the parent's RSS at fork into the child's maxrss across exec.
+    assert child.wait() == 0, (tmp_path / "stderr.txt").read_text()
     rep = json.loads(report.read_text())
     peak = rep["totals"]["peak_rss_bytes"]  # VmHWM during the streaming loop minus VmRSS when it started
     print(f"peak RSS growth {peak / 2**20:.1f} MiB for a {size / 2**20:.0f} MiB checkpoint")
     assert peak is not None and 0 < peak < ALLOWED_PEAK, f"peak RSS grew by {peak / 2**20:.0f} MiB"
     assert rep["totals"]["quantized_layers"] == COUNT
-    # Cross-check from outside: the whole child (imports included) stayed far below holding the checkpoint twice.
-    child_peak = usage.ru_maxrss * 1024
-    assert child_peak < 2 * size, f"child peak RSS {child_peak / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB file"
