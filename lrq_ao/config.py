@@ -19,7 +19,7 @@ CONFIG_VERSION = 1
 
 OBJECTIVES = ("auto", "rtn", "svd", "output", "act_svd")
 OPTIMIZERS = ("original", "adamw", "radam", "prodigy")
-RELAXATIONS = ("auto", "greedy", "ste", "sigmoid", "continuous")
+RELAXATIONS = ("auto", "greedy", "parallel", "ste", "sigmoid", "continuous")
 INITS = ("auto", "rtn", "gptq")
 SCHEDULES = ("none", "plateau", "exponential", "cosine")
 ACTIVATIONS = ("weight_only", "dynamic")
@@ -106,8 +106,8 @@ class LearnedRoundingConfig(AOBaseConfig):
         _check_choice("init", self.init, INITS)
         if self.greedy_passes < 0:
             raise ValueError(f"LearnedRoundingConfig.greedy_passes must be >= 0, got {self.greedy_passes}")
-        if not 0.0 <= self.shrinkage <= 1.0:
-            raise ValueError(f"LearnedRoundingConfig.shrinkage must be in [0, 1], got {self.shrinkage}")
+        if not (self.shrinkage == -1.0 or 0.0 <= self.shrinkage <= 1.0):
+            raise ValueError(f"LearnedRoundingConfig.shrinkage must be in [0, 1] or -1 (auto), got {self.shrinkage}")
         if self.objective_damp < 0:
             raise ValueError(f"LearnedRoundingConfig.objective_damp must be >= 0, got {self.objective_damp}")
         if not 0.0 < self.damp <= 10.0:

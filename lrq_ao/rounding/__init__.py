@@ -23,7 +23,7 @@ from lrq_ao.config import LearnedRoundingConfig
 from lrq_ao.primitives import dequantize, quantize_rtn, sqnr
 from lrq_ao.rounding.calibration import Calibration, LinearStats, calibrate, stats_for
 from lrq_ao.rounding.gptq import gptq_indices
-from lrq_ao.rounding.greedy import greedy_refine
+from lrq_ao.rounding.greedy import greedy_refine, parallel_refine
 from lrq_ao.rounding.grid import Grid, full_scale
 from lrq_ao.rounding.loop import LoopSettings, default_lr, optimize_rounding
 from lrq_ao.rounding.objectives import Objective, act_svd_objective, output_objective, svd_objective
@@ -72,7 +72,7 @@ def _build_objective(objective: str, w: torch.Tensor, stats: LinearStats | None,
             f"objective {objective!r} for layer {name!r} needs calibration statistics, but none were given for it: "
             f"run lrq_ao.calibrate(model) over real inputs and pass calibration=..., or use objective='svd'"
         )
-    h = shrunk_h(stats.h.to(device=w.device, dtype=torch.float32), cfg.shrinkage)
+    h = shrunk_h(stats.h.to(device=w.device, dtype=torch.float32), shrinkage_for(cfg, stats))
     if h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"calibration statistics for {name!r} are {tuple(h.shape)}, expected K×K with K={w.shape[1]}")
     if objective == "output":
@@ -92,6 +92,15 @@ def gptq_target(w: torch.Tensor, h: torch.Tensor, obj: Objective, damp: float) -
     chol = torch.linalg.cholesky(h.double() + ridge * torch.eye(h.shape[0], device=h.device, dtype=torch.float64))
     shift = torch.cholesky_solve(obj.linear.double().T, chol).T
     return (w.double() + shift).float()
+
+
+def shrinkage_for(config: LearnedRoundingConfig, stats: LinearStats) -> float:
+    """``config.shrinkage``, or when negative the data-size rule ``K / (K + count)``: the fewer calibration rows per
+    input feature, the less the off-diagonal of ``H`` is trusted."""
+    if config.shrinkage >= 0:
+        return config.shrinkage
+    k = stats.h.shape[0]
+    return k / (k + max(stats.count, 1))
 
 
 def shrunk_h(h: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -150,7 +159,7 @@ def _learned_rounding(w, qdata, scale, block_size, config, objective, init, rela
         if init == "gptq":
             if stats is None:
                 raise ValueError(f"init='gptq' for layer {report['name']!r} needs calibration statistics")
-            h = shrunk_h(stats.h.to(device=dev, dtype=torch.float32), config.shrinkage)
+            h = shrunk_h(stats.h.to(device=dev, dtype=torch.float32), shrinkage_for(config, stats))
             idx_g = gptq_indices(
                 w, s_full, grid, h, damp=config.damp, act_order=config.act_order, neighbours_only=config.neighbours_only
             )
@@ -158,13 +167,16 @@ def _learned_rounding(w, qdata, scale, block_size, config, objective, init, rela
             report["objective_gptq"] = float(loss_g)
             if loss_g < loss_rtn:
                 idx = idx_g
+        if relaxation == "parallel":
+            idx = parallel_refine(idx, w, s_full, grid, obj, iterations=config.num_iter, check_every=config.check_every)
+            steps = config.num_iter
         if relaxation == "greedy":
             if config.greedy_passes > 0:
                 idx = greedy_refine(
                     idx, w, s_full, grid, obj, passes=config.greedy_passes, neighbours_only=config.neighbours_only
                 )
             steps = config.greedy_passes
-    if relaxation != "greedy":
+    if relaxation not in ("greedy", "parallel"):
         lr = config.lr if config.lr is not None else default_lr(relaxation, config.optimizer)
         settings = LoopSettings(
             relaxation, config.optimizer, lr, config.lr_schedule, config.num_iter, config.check_every, config.patience
@@ -190,7 +202,7 @@ def _learned_rounding(w, qdata, scale, block_size, config, objective, init, rela
         kept_rtn=kept_rtn,
         init=init,
         relaxation=relaxation,
-        optimizer=config.optimizer if relaxation != "greedy" else "none",
+        optimizer=config.optimizer if relaxation not in ("greedy", "parallel") else "none",
         steps=steps,
         rank=obj.rank,
     )

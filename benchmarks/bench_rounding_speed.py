@@ -1,0 +1,150 @@
+"""Learned-rounding time per layer on Flux shapes, against the reference tool, at equal or better objective value.
+
+The objective is the reference tool's own: ``‖U_kᵀ (W_dq − W) V_k‖`` with its rank rule (top_p 0.2, min_k 256,
+max_k 1280), evaluated for both results with the same exact top-k singular vectors (full SVD, not timed). The
+reference is ``convert_to_quant`` 1.3.4's ``LearnedRoundingConverter`` with its CLI defaults (Prodigy, 4000
+iterations, lr 1.0, plateau schedule); ours is ``lrq_ao.rounding.quantize_weight`` with the same objective and
+the ``parallel`` relaxation (no calibration). The 12B projection sums our measured per-shape time over Flux.1's
+linear layers (19 double blocks, 38 single blocks).
+
+    python benchmarks/bench_rounding_speed.py --device cuda --csv $OUT/speed.csv
+    python benchmarks/bench_rounding_speed.py --device cpu --quick          # smoke test of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import os
+import time
+
+import torch
+
+from lrq_ao.config import LearnedRoundingConfig
+from lrq_ao.rounding import quantize_weight
+from lrq_ao.rounding.objectives import Objective, svd_rank
+
+FLUX_SHAPES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288)]
+EXTRA_SHAPES = [(18432, 3072), (21504, 3072), (3072, 15360)]  # only timed for ours, for the projection
+# Flux.1 linears per shape: double blocks (img + txt streams), single blocks.
+FLUX_LAYERS = {
+    (9216, 3072): 19 * 2 + 38,  # qkv (double, both streams) + single-block modulation
+    (3072, 3072): 19 * 2,  # attention proj
+    (12288, 3072): 19 * 2,  # mlp up
+    (3072, 12288): 19 * 2,  # mlp down
+    (18432, 3072): 19 * 2,  # double-block modulation
+    (21504, 3072): 38,  # single-block linear1
+    (3072, 15360): 38,  # single-block linear2
+}
+FORMATS = {"fp8": ("fp8", "tensor", None), "int8_block": ("int8_block", "block", 128)}
+QUICK_SHAPES = [(256, 256), (512, 256)]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def exact_svd_objective(w: torch.Tensor) -> Objective:
+    k = svd_rank(*w.shape, 0.2, 256, 1280)
+    u, _, vh = torch.linalg.svd(w.float(), full_matrices=False)
+    return Objective("svd", right=vh[:k].T.float().contiguous(), left=u[:, :k].float().contiguous(), rank=k)
+
+
+def run_reference(w: torch.Tensor, fmt: str, device: str, num_iter: int):
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from convert_to_quant.converters.learned_rounding import LearnedRoundingConverter
+
+    _, mode, block = FORMATS[fmt]
+    conv = LearnedRoundingConverter(
+        optimizer="prodigy", num_iter=num_iter, lr=1.0, top_p=0.2, min_k=256, max_k=1280, lr_schedule="plateau",
+        scaling_mode=mode, block_size=block or 128, target_format="int8" if fmt.startswith("int8") else "fp8",
+        device=device,
+    )  # fmt: skip
+    sync(device)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        _, _, dequantized, _ = conv.convert(w)
+    sync(device)
+    return time.perf_counter() - t0, dequantized.float()
+
+
+def run_ours(w: torch.Tensor, fmt: str, device: str, iterations: int):
+    cfg = LearnedRoundingConfig(format=fmt, objective="svd", relaxation="parallel", num_iter=iterations, device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    r = quantize_weight(w, cfg, name="bench")
+    sync(device)
+    seconds = time.perf_counter() - t0
+    from lrq_ao.primitives import dequantize
+
+    return seconds, dequantize(r.qdata, r.scale, r.block_size), r.report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and few reference iterations (smoke test)")
+    ap.add_argument("--ref-iters", type=int, default=4000, help="reference iterations (its CLI default: 4000)")
+    ap.add_argument("--iters", type=int, default=100, help="our parallel-refinement iterations (early-stops)")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args()
+    dev = args.device
+    shapes = QUICK_SHAPES if args.quick else FLUX_SHAPES
+    extra = [] if args.quick else EXTRA_SHAPES
+    ref_iters = min(args.ref_iters, 50) if args.quick else args.ref_iters
+    if dev.startswith("cuda"):
+        print(f"GPU {torch.cuda.get_device_name()}  torch {torch.__version__}  ", end="")
+        with contextlib.suppress(ImportError):
+            import triton
+
+            print(f"triton {triton.__version__}", end="")
+        print()
+    gen = torch.Generator().manual_seed(0)
+    warm = (torch.randn(256, 256, generator=gen) * 0.02).to(dev)
+    run_ours(warm, "fp8", dev, 5)  # CUDA context, cuBLAS/cuSOLVER handles
+    rows, ours_time = [], {}
+    print(f"{'format':<11}{'shape':<13}{'rtn obj':>10}{'ref obj':>10}{'ours obj':>10}", end="")
+    print(f"{'ref s':>8}{'ours s':>8}{'speedup':>9}")
+    for fmt in FORMATS:
+        for shape in shapes + extra:
+            w = (torch.randn(*shape, generator=gen) * 0.02).to(dev)
+            obj = exact_svd_objective(w)
+            t_ours, dq_ours, rep = run_ours(w, fmt, dev, args.iters)
+            ours_time[(fmt, shape)] = t_ours
+            from lrq_ao.primitives import dequantize, quantize_rtn
+
+            q, s, b = quantize_rtn(w, LearnedRoundingConfig(format=fmt).spec)
+            obj_rtn = float(obj.loss(dequantize(q, s, b) - w))
+            obj_ours = float(obj.loss(dq_ours - w))
+            t_ref = obj_ref = float("nan")
+            if shape not in extra and not args.no_reference:
+                t_ref, dq_ref = run_reference(w, fmt, dev, ref_iters)
+                obj_ref = float(obj.loss(dq_ref.to(dev) - w))
+            speed = t_ref / t_ours
+            print(
+                f"{fmt:<11}{'x'.join(map(str, shape)):<13}{obj_rtn:>10.4g}{obj_ref:>10.4g}{obj_ours:>10.4g}"
+                f"{t_ref:>8.2f}{t_ours:>8.3f}{speed:>9.1f}",
+                flush=True,
+            )
+            rows.append({"format": fmt, "shape": "x".join(map(str, shape)), "rank": obj.rank, "obj_rtn": obj_rtn,
+                         "obj_ref": obj_ref, "obj_ours": obj_ours, "ref_s": t_ref, "ours_s": t_ours,
+                         "speedup": speed, "moved": rep["moved_fraction"]})  # fmt: skip
+    if not args.quick:
+        for fmt in FORMATS:
+            total = sum(ours_time[(fmt, shape)] * n for shape, n in FLUX_LAYERS.items())
+            params = sum(shape[0] * shape[1] * n for shape, n in FLUX_LAYERS.items())
+            print(f"projection {fmt}: {sum(FLUX_LAYERS.values())} Flux linears, {params / 1e9:.1f}B params: "
+                  f"{total:.0f} s = {total / 60:.1f} min")  # fmt: skip
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
