@@ -56,7 +56,12 @@ def test_row_gemm_accumulates_exactly(qdtype, mnk):
         xq, wq = (xq.float() / 4).to(qdtype), (wq.float() / 4).to(qdtype)
     one = torch.ones(1, 1, device=DEVICE)
     out = row_scaled_gemm(xq.to(DEVICE), one, wq.to(DEVICE), one, None, torch.float32)
-    assert torch.equal(out.cpu().double(), xq.double() @ wq.double().t())
+    exact = xq.double() @ wq.double().t()
+    if qdtype == FP8_DTYPE and ON_CUDA:
+        # Hopper's FP8 tensor cores accumulate with fewer than 32 bits (DeepSeek-V3, section 3.3.2): close only.
+        assert sqnr(exact, out.cpu()) > 60.0
+    else:
+        assert torch.equal(out.cpu().double(), exact)
 
 
 @pytest.mark.parametrize("qdtype", QDTYPES)
