@@ -52,8 +52,16 @@ class LearnedRoundingConfig(AOBaseConfig):
         ``auto``: ``gptq`` for the calibration-aware objectives, else ``rtn``.
       damp, act_order: GPTQ's damping (fraction of mean(diag H)) and activation order.
       relaxation: how the per-element choice between grid neighbours is optimized: ``greedy`` (exact coordinate
-        descent, ``greedy_passes`` sweeps), ``ste`` (straight-through), ``sigmoid`` (AdaRound-style annealed),
-        ``continuous`` (the reference tool: free offset, re-rounded at the end), ``auto`` = ``greedy``.
+        descent, ``greedy_passes`` sweeps), ``parallel`` (all elements at once with a backtracking majorization
+        step, ``num_iter`` iterations), ``ste`` (straight-through), ``sigmoid`` (AdaRound-style annealed),
+        ``continuous`` (the reference tool: free offset, re-rounded at the end); ``auto``: ``parallel`` for
+        ``svd``, ``greedy`` otherwise.
+      shrinkage: trust in the calibration ``H``'s off-diagonal, ``H ← (1 − α)H + α·diag(H)``; -1 (default) picks
+        ``α = K / (K + calibration rows)``.
+      objective_damp: ridge ``λ·mean(diag H)·I`` added to the output objective.
+      neighbours_only: keep every element on one of the two grid values around ``w / s`` (GPTQ and greedy).
+      compensate_drift: with statistics captured against a float reference (``quantize_sequential``), round
+        against the float model's output rather than the layer's own.
       optimizer, lr, lr_schedule, num_iter, check_every, patience: the gradient loop (``ste``/``sigmoid``/
         ``continuous``); ``lr`` None picks a per-relaxation default (grid units).
       fallback_to_rtn: keep round-to-nearest when the result is not better on the objective.
@@ -74,7 +82,7 @@ class LearnedRoundingConfig(AOBaseConfig):
     init: str = "auto"
     damp: float = 0.01
     objective_damp: float = 0.0
-    shrinkage: float = 0.0
+    shrinkage: float = -1.0
     neighbours_only: bool = False
     compensate_drift: bool = True
     act_order: bool = True
@@ -83,7 +91,7 @@ class LearnedRoundingConfig(AOBaseConfig):
     optimizer: str = "adamw"
     lr: float | None = None
     lr_schedule: str = "plateau"
-    num_iter: int = 500
+    num_iter: int = 200
     check_every: int = 25
     patience: int = 4
     fallback_to_rtn: bool = True

@@ -60,7 +60,11 @@ def resolve_method(config: LearnedRoundingConfig, has_stats: bool) -> tuple[str,
     init = config.init
     if init == "auto":
         init = "gptq" if objective in ("output", "act_svd") else "rtn"
-    relaxation = "greedy" if config.relaxation == "auto" else config.relaxation
+    relaxation = config.relaxation
+    if relaxation == "auto":
+        # Measured (DEVELOPMENT.md "Learned rounding"): column-exact greedy is best after GPTQ on the output
+        # objective; on the row-coupled svd objective the parallel backtracking step wins by far.
+        relaxation = "parallel" if objective == "svd" else "greedy"
     return objective, init, relaxation
 
 

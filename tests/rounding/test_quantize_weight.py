@@ -9,7 +9,7 @@ from rounding_testing import real_inputs, real_stats, real_weight
 
 from lrq_ao.config import LearnedRoundingConfig
 from lrq_ao.primitives import FORMATS, dequantize, quantize_rtn
-from lrq_ao.rounding import quantize_weight
+from lrq_ao.rounding import quantize_weight, shrinkage_for, shrunk_h
 from lrq_ao.rounding.grid import Grid
 from lrq_ao.rounding.objectives import output_objective, svd_objective
 from lrq_ao.rounding.optimizers import prodigy_available
@@ -17,7 +17,9 @@ from lrq_ao.rounding.optimizers import prodigy_available
 SHAPE = (32, 64)
 FAST = {"num_iter": 6, "check_every": 3, "block_size": 32, "min_k": 4, "max_k": 8}
 
-METHODS = [("greedy", "adamw")] + [("ste", opt) for opt in ("original", "adamw", "radam", "prodigy")]
+METHODS = [("greedy", "adamw"), ("parallel", "adamw")] + [
+    ("ste", opt) for opt in ("original", "adamw", "radam", "prodigy")
+]
 METHODS += [("sigmoid", "adamw"), ("continuous", "original")]
 
 
@@ -37,7 +39,8 @@ def _check_representable(r, cfg, w):
 def _objective_of(cfg, w, stats, objective):
     if objective == "svd":
         return svd_objective(w, cfg.top_p, cfg.min_k, cfg.max_k)
-    return output_objective(stats.h)
+    # The objective the engine used: H shrunk towards its diagonal as the config says.
+    return output_objective(shrunk_h(stats.h, shrinkage_for(cfg, stats)))
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
