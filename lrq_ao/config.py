@@ -46,7 +46,7 @@ class LearnedRoundingConfig(AOBaseConfig):
     Rounding:
       objective: ``rtn`` (round-to-nearest), ``svd`` (the reference: truncated SVD of W, minimize
         ``‖U_kᵀ (W_dq − W) V_k‖``), ``output`` (layer-output error on calibration activations), ``act_svd``
-        (subspace from the activations' SVD), or ``auto`` (``output`` when calibration is given, else ``svd``).
+        (subspace from the activations' SVD), or ``auto`` (``output`` when calibration is given, else ``rtn``).
       top_p, min_k, max_k: rank rule for the SVD objectives (the reference tool's defaults 0.2 / 256 / 1280).
       init: starting point, ``rtn`` or ``gptq`` (GPTQ error feedback with the fixed scales; needs calibration),
         ``auto``: ``gptq`` for the calibration-aware objectives, else ``rtn``.

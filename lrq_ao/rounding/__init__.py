@@ -56,7 +56,9 @@ def resolve_method(config: LearnedRoundingConfig, has_stats: bool) -> tuple[str,
     """``(objective, init, relaxation)`` after resolving ``auto``."""
     objective = config.objective
     if objective == "auto":
-        objective = "output" if has_stats else "svd"
+        # Without calibration data nothing we measured beats round-to-nearest end to end (the reference's svd
+        # objective loses; see DEVELOPMENT.md "Learned rounding"), so auto means RTN there.
+        objective = "output" if has_stats else "rtn"
     init = config.init
     if init == "auto":
         init = "gptq" if objective in ("output", "act_svd") else "rtn"
