@@ -97,14 +97,15 @@ def evict(path: Path) -> None:
         os.close(fd)
 
 
-def cold_read_rate(path: Path, chunk: int = 64 << 20) -> float:
+def cold_read_rate(path: Path, chunk: int = 64 << 20, limit: int = 8 << 30) -> float:
+    """Sequential read rate of the first ``limit`` bytes after evicting the file from the page cache."""
     evict(path)
     buf = bytearray(chunk)
     view = memoryview(buf)
     t0 = time.perf_counter()
     total = 0
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(view):
+        while total < limit and (n := f.readinto(view)):
             total += n
     rate = total / (time.perf_counter() - t0)
     evict(path)
