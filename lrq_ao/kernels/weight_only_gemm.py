@@ -2,8 +2,9 @@
 
 ``y = x @ dq(W).T + bias`` with ``dq(W) = (wq.float() * scale).to(x.dtype)`` formed tile by tile in registers,
 so the weight is read once, at 8 bits: at small M (decoding, small batches) the product is memory-bound and that
-halves the bytes a bf16 weight costs. The same kernel serves large M with tensor-core tiles (autotuned per
-``M_BUCKET``), so choosing it never depends on the batch size.
+halves the bytes a bf16 weight costs. Choosing this op never depends on the batch size: above ``FUSED_MAX_M``
+rows the op itself (on the concrete M, at run time) dequantizes the weight in one Triton pass and calls cuBLAS,
+because at large M converting the weight inside every output tile costs more than that pass.
 
 Scale layouts: per tensor ``(1, 1)``, per row ``(N, 1)``, block ``(N // b, K // b)`` (``BLOCK_K`` divides ``b``,
 so a K step reads one scale per output row). Ragged M, N and K are masked.
@@ -21,6 +22,8 @@ from lrq_ao.kernels._gemm_common import autotune_bench, config, grid_1d, grouped
 from lrq_ao.kernels._runtime import check_contiguous_last, check_device, launchable, m_bucket
 
 SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2
+# Above this batch size the weight is dequantized once and cuBLAS runs the bf16 GEMM (see weight_only_linear).
+FUSED_MAX_M = 64
 
 WEIGHT_ONLY_CONFIGS = [
     # thin M tiles: memory-bound decoding / small batches
@@ -112,6 +115,64 @@ _weight_only_gemm_tuned = triton.autotune(
 )(_weight_only_gemm_kernel)
 
 
+@triton.jit
+def _dequantize_kernel(
+    w_ptr,
+    s_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_wn,
+    stride_on,
+    stride_sn,
+    SCALE_MODE: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr,
+    TILE_N: tl.constexpr,
+    TILE_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * TILE_N + tl.arange(0, TILE_N)
+    offs_k = tl.program_id(1) * TILE_K + tl.arange(0, TILE_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :], mask=mask, other=0.0)
+    safe_n = offs_n % N
+    if SCALE_MODE == 0:
+        scale = tl.load(s_ptr)
+    elif SCALE_MODE == 1:
+        scale = tl.load(s_ptr + safe_n * stride_sn)[:, None]
+    else:
+        k_blocks = (offs_k % K) // SCALE_BLOCK
+        scale = tl.load(s_ptr + (safe_n // SCALE_BLOCK)[:, None] * stride_sn + k_blocks[None, :])
+    out = (w.to(tl.float32) * scale).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :], out, mask=mask)
+
+
+def dequantize_weight(
+    wq: torch.Tensor, w_scale: torch.Tensor, block_size: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """``(wq.float() * scale).to(dtype)`` in one pass (1 byte read, 2 written per element)."""
+    n, k = wq.shape
+    mode, sblock = scale_mode(block_size, (n, k))
+    device = check_device("lrq_ao weight dequantization", wq, w_scale)
+    out = torch.empty((n, k), dtype=dtype, device=device)
+    tile_n, tile_k = 32, 128
+    grid = (triton.cdiv(n, tile_n), triton.cdiv(k, tile_k))
+    launchable(_dequantize_kernel, device)[grid](
+        wq,
+        w_scale,
+        out,
+        n,
+        k,
+        wq.stride(0),
+        out.stride(0),
+        w_scale.stride(0),
+        SCALE_MODE=mode,
+        SCALE_BLOCK=sblock,
+        TILE_N=tile_n,
+        TILE_K=tile_k,
+    )
+    return out
+
+
 def scale_mode(block_size: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int]:
     """(SCALE_MODE, SCALE_BLOCK) for a weight ``block_size``; raises ``ValueError`` for unsupported layouts."""
     n, k = shape
@@ -150,6 +211,11 @@ def weight_only_linear(
         raise ValueError(f"{name}: w_scale must be float32 {(n // bn, k // bk)}, got {w_scale.dtype} {w_scale.shape}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"{name}: bias must have shape ({n},), got {tuple(bias.shape)}")
+    if m > FUSED_MAX_M:
+        # Compute-bound: converting the weight inside every output tile costs more than one dequantization pass
+        # (N*K*3 bytes) followed by cuBLAS. Decided here on the concrete M, never at backend selection.
+        w = dequantize_weight(wq, w_scale, block_size, x.dtype)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     out = torch.empty((m, n), dtype=x.dtype, device=device)
     if m == 0:
         return out

@@ -105,7 +105,9 @@ def test_block_gemm_accumulates_each_block_exactly():
 
 @pytest.mark.parametrize("qdtype", [torch.int8, FP8_DTYPE], ids=["int8", "fp8"])
 @pytest.mark.parametrize(
-    "case", [((1, 40, 72), "row"), ((7, 33, 65), "tensor"), ((33, 64, 96), "block")] + [(s, "row") for s in REAL]
+    "case",
+    [((1, 40, 72), "row"), ((7, 33, 65), "tensor"), ((33, 64, 96), "block"), ((70, 64, 96), "block")]
+    + [(s, "row") for s in REAL],
 )
 def test_weight_only_linear(qdtype, case):
     (m, n, k), granularity = case
