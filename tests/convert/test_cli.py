@@ -261,3 +261,44 @@ def test_python_api_matches_the_cli(minilm_path, tmp_path, capsys):
     )
     assert code == 0, err
     assert (tmp_path / "api.safetensors").read_bytes() == (tmp_path / "cli.safetensors").read_bytes()
+
+
+def test_sharded_folder_input_converts(tmp_path, capsys):
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    a = {"blocks.0.fc.weight": torch.randn(64, 32), "blocks.0.fc.bias": torch.randn(64)}
+    b = {"blocks.1.fc.weight": torch.randn(32, 64)}
+    save_file(a, str(folder / "m-00001-of-00002.safetensors"))
+    save_file(b, str(folder / "m-00002-of-00002.safetensors"))
+    weight_map = {
+        **dict.fromkeys(a, "m-00001-of-00002.safetensors"),
+        **dict.fromkeys(b, "m-00002-of-00002.safetensors"),
+    }
+    (folder / "m.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    report = tmp_path / "r.json"
+    code, _, err = run_main(["-i", folder, "--int8", "--simple", "--verify", "--report", report, "--quiet"], capsys)
+    assert code == 0, err
+    out = tmp_path / "sharded_int8_tensorwise.safetensors"
+    assert json.loads(report.read_text())["verify"]["ok"]
+    with safe_open(str(out), "pt") as f:
+        assert {"blocks.0.fc.weight", "blocks.1.fc.weight", "blocks.0.fc.bias"} <= set(f.keys())
+
+
+def test_calibration_file_switches_to_the_output_objective(tmp_path, capsys):
+    import lrq_ao
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+    ckpt, stats, report = tmp_path / "m.safetensors", tmp_path / "calib.safetensors", tmp_path / "r.json"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    with lrq_ao.calibrate(model) as calib, torch.no_grad():
+        model(torch.randn(256, 32))
+    calib.save(stats)
+    argv = ["-i", ckpt, "-o", tmp_path / "o.safetensors", "--int8", "--calib", stats, "--report", report, "--quiet"]
+    code, _, err = run_main([*argv, "--verify"], capsys)
+    assert code == 0, err
+    rep = json.loads(report.read_text())
+    assert rep["verify"]["ok"]
+    assert [r["rounding"]["objective"] for r in rep["layers"]] == ["output", "output"]
+    for r in rep["layers"]:
+        assert r["objective_after"] <= r["objective_before"]
