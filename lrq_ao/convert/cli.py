@@ -213,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--relaxation",
         choices=RELAXATIONS,
         default=_DEFAULTS["relaxation"],
-        help="how rounding choices are optimized: greedy coordinate descent (auto), or a gradient relaxation "
-        "(ste, sigmoid, continuous = the reference tool's) driven by --optimizer/--num_iter/--lr",
+        help="how rounding choices are optimized (see LearnedRoundingConfig): greedy/parallel coordinate descent, or a "
+        "gradient relaxation (ste, sigmoid, continuous = the reference tool's) driven by --optimizer/--num_iter/--lr; "
+        "auto lets lrq_ao pick per objective",
     )
     rnd.add_argument(
         "--greedy_passes",

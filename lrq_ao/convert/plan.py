@@ -114,7 +114,7 @@ class ConvertOptions:
     skip_bad_layers: bool = False
     metadata_header: bool = True
     full_precision_matrix_mult: bool = False
-    rounding: LearnedRoundingConfig = field(default_factory=lambda: LearnedRoundingConfig(objective="rtn"))
+    rounding: LearnedRoundingConfig = field(default_factory=LearnedRoundingConfig)  # the API's and CLI's defaults
 
     def __post_init__(self) -> None:
         parse_format(self.format, self.block_size)
