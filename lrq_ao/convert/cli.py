@@ -29,9 +29,11 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(LearnedRoundingConfig
 DESCRIPTION = """\
 Convert a safetensors checkpoint (a diffusion transformer or a text encoder) into a ComfyUI quantized checkpoint:
 every eligible linear weight becomes FP8 (e4m3fn) or INT8 with its scale and a .comfy_quant marker; norms,
-biases, embeddings, 1-D and conv tensors stay as they are. Weights are rounded with learned rounding (default) or
-round-to-nearest (--simple). The file is read and written layer by layer, so host memory stays near a few of the
-largest tensors, and an interrupted run can continue with --resume.
+biases, embeddings, 1-D and conv tensors stay as they are. Rounding follows LearnedRoundingConfig: with --calib
+statistics, learned rounding minimizes each layer's output error; without them the default is round-to-nearest
+(--objective svd asks for the reference tool's weight-SVD objective; --simple forces round-to-nearest). The file
+is read and written layer by layer, so host memory stays near a few of the largest tensors, and an interrupted
+run can continue with --resume.
 
 Formats (--format, or --int8 / --scaling_mode):
   float8_e4m3fn            FP8, one scale per tensor        loads in stock ComfyUI   (default)
@@ -207,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--objective",
         choices=OBJECTIVES,
         default=_DEFAULTS["objective"],
-        help="learned-rounding objective (auto: output error with --calib, else SVD subspace)",
+        help="rounding objective (auto: output error with --calib, else round-to-nearest)",
     )
     rnd.add_argument(
         "--relaxation",

@@ -100,7 +100,7 @@ def test_int8_round_to_nearest_is_exact(minilm_path, tmp_path, capsys):
 @pytest.mark.slow
 def test_learned_rounding_run_reports_objective(minilm_path, tmp_path, capsys):
     out, report = tmp_path / "o.safetensors", tmp_path / "r.json"
-    argv = ["-i", minilm_path, "-o", out, "--exclude-layers", r"layer\.[1-5]\.|intermediate"]
+    argv = ["-i", minilm_path, "-o", out, "--objective", "svd", "--exclude-layers", r"layer\.[1-5]\.|intermediate"]
     code, stdout, err = run_main([*argv, "--verify", "--report", report, "--plot", tmp_path / "p.png"], capsys)
     assert code == 0, err
     rep = json.loads(report.read_text())
