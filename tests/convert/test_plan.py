@@ -157,3 +157,17 @@ def test_t5_plan_removes_decoder(tmp_path):
     assert t["shared.weight"].action == "keep"
     assert [q.layer for q in plan.quantized] == ["encoder.block.0.layer.0.SelfAttention.q"]
     assert all(not e.name.startswith("decoder") for e in plan.entries)
+
+
+def test_estimated_size_is_the_exact_output_size(flux_ckpt, tmp_path):
+    from lrq_ao.convert.engine import RunOptions, convert
+
+    plan = _plan(flux_ckpt, format="int8_blockwise", block_size=64, rounding=LearnedRoundingConfig(objective="rtn"))
+    report = convert(plan, tmp_path / "o.safetensors", RunOptions(quiet=True))
+    assert plan.output_bytes == (tmp_path / "o.safetensors").stat().st_size == report.output_bytes
+
+
+def test_metadata_header_is_optional(flux_ckpt):
+    plan = _plan(flux_ckpt, metadata_header=False)
+    assert cf.METADATA_KEY not in plan.metadata
+    assert "lrq_ao" in plan.metadata  # our own provenance entry is always written
