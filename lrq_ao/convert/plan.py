@@ -229,7 +229,11 @@ def _shape_reason(info: TensorInfo) -> str | None:
 
 
 def decide(info: TensorInfo, options: ConvertOptions, preset: Preset, nonfinite: set[str]) -> TensorPlan:
-    """The plan for one tensor (see the module docstring for the order of the rules)."""
+    """The plan for one tensor. Rules, first match wins: the preset's ``remove`` list; shape/dtype rules (only 2-D
+    float ``.weight`` tensors at least 16 wide are candidates); NaN/Inf found by ``--skip-bad-layers``;
+    ``--custom-layers`` (its format, overriding everything below); ``--layer-config`` (skip, or a format);
+    ``--exclude-layers``; the common and preset keep lists; otherwise the default format. A block format that
+    cannot tile the weight falls back (see ``FALLBACK``)."""
     name = info.name
     hit = first_match(name, preset.remove)
     if hit:
