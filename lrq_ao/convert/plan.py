@@ -26,7 +26,7 @@ from lrq_ao.primitives import FORMATS, FormatSpec
 PLAN_VERSION = 1
 MIN_QUANT_DIM = 16  # layers thinner than this gain nothing from 8-bit and some kernels refuse them
 
-# --format names: ComfyUI names plus short aliases. Each maps to (lrq_ao format name, granularity note).
+# --format names (ComfyUI names, plus lrq_ao short names and an explicit per-tensor INT8 name) -> lrq_ao format name.
 FORMAT_ALIASES = {
     "float8_e4m3fn": "fp8",
     "float8_e4m3fn_rowwise": "fp8_row",
