@@ -351,10 +351,13 @@ def _say(quiet: bool, *msg: str) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and convert. Returns the exit code (0 ok, 1 error, 3 --verify found problems)."""
+    from lrq_ao.convert.distributed import RankInfo, launched_distributed
     from lrq_ao.convert.engine import RunOptions, check_output_target, convert
     from lrq_ao.convert.stream import read_source
 
     args = build_parser().parse_args(argv)
+    distributed = launched_distributed()  # under torchrun: rank 0 prints, verifies and reports
+    args.quiet = args.quiet or RankInfo.from_env().rank != 0
     options = options_from_args(args)
     source = read_source(args.input)
     plan = build_plan(source, options)
@@ -365,12 +368,21 @@ def run(argv: list[str] | None = None) -> int:
     if custom:
         print(custom_format_warning(custom), file=sys.stderr)
     if args.dry_run:
+        if RankInfo.from_env().rank != 0:
+            return 0
         print(describe_plan(plan))
         print(f"output would be: {output}")
         return 0
     check_output_target(output, overwrite=args.overwrite, resume=args.resume)
     run_opts = RunOptions(args.device, args.resume, args.overwrite, args.quiet, _load_calibration(args.calib))
-    report = convert(plan, output, run_opts)
+    if distributed:
+        from lrq_ao.convert.distributed import convert_distributed
+
+        report = convert_distributed(plan, output, run_opts)
+        if report is None:
+            return 0
+    else:
+        report = convert(plan, output, run_opts)
     code = 0
     if args.verify:
         from lrq_ao.convert.verify import verify_output
