@@ -9,12 +9,16 @@ first time a backend accepts an input. ``weight.describe(x)`` shows the choice a
 | ``triton_fp8_scaled_mm`` | FP8 per-tensor / row | dynamic tensor / row | ``act_quant`` + ``_scaled_mm`` | 120 |
 | ``triton_w8a8_block`` | INT8 / FP8 block b x b | dynamic 1 x b | ``block_gemm`` | 120 |
 | ``triton_w8a8_row`` | INT8 / FP8 per-tensor / per-row | dynamic row (tensor) | ``row_gemm`` | 115 |
-| ``triton_weight_only`` | INT8 / FP8, any layout | bf16 / fp16 | ``weight_only_gemm`` | 105 |
+| ``triton_weight_only`` | INT8 / FP8, any layout | bf16 / fp16 | ``weight_only_gemm`` | 95 |
 
-Priorities sit above the TORCH backends (110 for ``_scaled_mm`` / ``_int_mm``, 100 for weight-only) where the
-H100 measurements in ``benchmarks/RESULTS.md`` show the Triton path faster. On CPU the kernels run only through
-Triton's interpreter, only when ``TRITON_INTERPRET=1`` and only for ``kernel='triton'`` (never under ``auto``:
-the interpreter is a test tool, far slower than the TORCH backends).
+The TORCH backends of ``lrq_ao.layouts.linear`` sit at 110 (``_scaled_mm`` / ``_int_mm``) and 100 (weight-only).
+Priorities follow the H100 measurements in ``benchmarks/RESULTS.md`` (compiled single linears, plain timing):
+the Triton W8A8 row GEMM beat the ``_int_mm`` path at M >= 4608 and block-wise W8A8 has no TORCH backend, so
+those rank first; the FP8 path ranks first because it is the one measured end to end (Flux-like block, 1.22x);
+the weight-only kernel ranks *below* ``torch_weight_only`` because, with Python overhead included, it was slower
+at every measured M (its GPU-only time was not measured). ``kernel='triton'`` still selects it. On CPU the kernels
+run only through Triton's interpreter, only when ``TRITON_INTERPRET=1`` and only for ``kernel='triton'`` (never
+under ``auto``: the interpreter is a test tool, far slower than the TORCH backends).
 """
 
 from __future__ import annotations
@@ -154,7 +158,7 @@ BACKENDS = [
     (LinearBackend("triton_fp8_scaled_mm", KernelChoice.TRITON, _fp8_scaled_mm_refusal, _run_fp8_scaled_mm), 120),
     (LinearBackend("triton_w8a8_block", KernelChoice.TRITON, _w8a8_block_refusal, _run_w8a8_block), 120),
     (LinearBackend("triton_w8a8_row", KernelChoice.TRITON, _w8a8_row_refusal, _run_w8a8_row), 115),
-    (LinearBackend("triton_weight_only", KernelChoice.TRITON, _weight_only_refusal, _run_weight_only), 105),
+    (LinearBackend("triton_weight_only", KernelChoice.TRITON, _weight_only_refusal, _run_weight_only), 95),
 ]
 
 for _backend, _priority in BACKENDS:
