@@ -6,6 +6,7 @@ disk should be the limit: compare the conversion's input rate with the cold read
 
     python benchmarks/bench_convert.py --device cuda --dir /tmp/bench --out results.csv
     python benchmarks/bench_convert.py --scale 0.0625 --device cpu       # a tiny run to try it on CPU
+    python benchmarks/bench_convert.py --nproc 4 --rounding="--objective svd"   # learned rounding, 4 GPUs (torchrun)
 
 ``--scale`` multiplies the hidden width (3072) and MLP width; block counts (19 double, 38 single) stay real.
 """
@@ -123,11 +124,18 @@ def _vmhwm(pid: int) -> int:
     return 0
 
 
-def run_conversion(src: Path, dst: Path, device: str, report: Path) -> tuple[float, int, dict]:
+def run_conversion(
+    src: Path, dst: Path, device: str, report: Path, nproc: int = 1, rounding: tuple[str, ...] = ("--simple",)
+) -> tuple[float, int, dict]:
     """Run lrq-convert in a fresh process. Returns (seconds, the child's peak RSS, report). The peak is polled from
-    /proc (VmHWM of the child's own address space): ru_maxrss would include this parent's RSS, copied at fork."""
+    /proc (VmHWM of the child's own address space): ru_maxrss would include this parent's RSS, copied at fork.
+    With ``nproc`` > 1 the conversion runs under torchrun (one rank per GPU); the peak is then torchrun's own."""
+    launcher = [sys.executable, "-m", "lrq_ao.convert"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        launcher += ["-m", "lrq_ao.convert"]
     cmd = [
-        sys.executable, "-m", "lrq_ao.convert", "-i", str(src), "-o", str(dst), "--simple", "--quiet",
+        *launcher, "-i", str(src), "-o", str(dst), *rounding, "--quiet",
         "--device", device, "--overwrite", "--report", str(report),
     ]  # fmt: skip
     t0 = time.perf_counter()
@@ -149,6 +157,12 @@ def main() -> None:
     p.add_argument("--dir", default="/tmp/lrq_bench_convert", help="folder for the input and output files")
     p.add_argument("--out", help="CSV file for the results row")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint files")
+    p.add_argument("--nproc", type=int, default=1, help="ranks (GPUs) for a torchrun conversion; 1 = one process")
+    p.add_argument(
+        "--rounding",
+        default="--simple",
+        help='lrq-convert rounding flags; write it with "=", e.g. --rounding="--objective svd --num_iter 100"',
+    )
     args = p.parse_args()
 
     folder = Path(args.dir)
@@ -164,13 +178,15 @@ def main() -> None:
     )
     read_rate = cold_read_rate(src)
     print(f"cold sequential read: {read_rate / GB:.2f} GB/s", flush=True)
-    seconds, child_peak, rep = run_conversion(src, dst, args.device, report)
+    seconds, child_peak, rep = run_conversion(src, dst, args.device, report, args.nproc, tuple(args.rounding.split()))
     out_bytes = dst.stat().st_size
     row = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "scale": args.scale,
+        "nproc": args.nproc,
+        "rounding": args.rounding,
         "params_b": round(params / 1e9, 3),
         "layers_quantized": rep["totals"]["quantized_layers"],
         "input_gb": round(in_bytes / GB, 3),

@@ -28,7 +28,8 @@ def convert_checkpoint(
     ``format`` is a ComfyUI format name (or lrq_ao short name); ``simple`` = round-to-nearest; ``preset`` None
     auto-detects the model family; ``rounding`` overrides ``LearnedRoundingConfig`` fields (``num_iter=...``).
     With ``verify`` the output is reloaded and checked (``report.verify``). Raises ``ValueError``/``OSError`` for
-    bad input or an unusable output path, like the CLI.
+    bad input or an unusable output path, like the CLI. Under ``torchrun`` (``WORLD_SIZE`` > 1) the layers are spread
+    over the ranks (``lrq_ao.convert.distributed``); rank 0 returns the report, the other ranks None.
     """
     from lrq_ao.config import LearnedRoundingConfig
     from lrq_ao.convert.engine import RunOptions, convert
@@ -37,7 +38,15 @@ def convert_checkpoint(
 
     config = LearnedRoundingConfig(**{**rounding, **({"objective": "rtn"} if simple else {})})
     plan = build_plan(read_source(input), ConvertOptions(format=format, preset=preset, rounding=config))
-    report = convert(plan, output, RunOptions(device=device, resume=resume, overwrite=overwrite, quiet=True))
+    run = RunOptions(device=device, resume=resume, overwrite=overwrite, quiet=True)
+    from lrq_ao.convert.distributed import convert_distributed, launched_distributed
+
+    if launched_distributed():  # under torchrun every rank calls this; rank 0 gets the report, the others None
+        report = convert_distributed(plan, output, run)
+        if report is None:
+            return None
+    else:
+        report = convert(plan, output, run)
     if verify:
         from lrq_ao.convert.verify import verify_output
 

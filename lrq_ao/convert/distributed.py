@@ -50,7 +50,7 @@ from lrq_ao.convert.engine import (
 )
 from lrq_ao.convert.plan import ConversionPlan, TensorPlan
 from lrq_ao.convert.report import ConversionReport, LayerRecord
-from lrq_ao.convert.resume import Journal, journal_path
+from lrq_ao.convert.resume import Journal, journal_path, rank_journal_path, rank_journals
 from lrq_ao.convert.stream import StreamingWriter, partial_path
 
 # Test-only: with KILL_HOOK_ENV, only this rank SIGKILLs itself (default: every rank that reaches the count).
@@ -116,14 +116,10 @@ def assign_ranks(plan: ConversionPlan, todo: list[TensorPlan], world_size: int) 
     return owners
 
 
-def rank_journal_path(partial: Path, rank: int) -> Path:
-    return journal_path(partial).with_name(journal_path(partial).name + f".rank{rank}")
-
-
 def journals_beside(partial: Path) -> list[Path]:
     """Every journal of this output: the single-process one and each rank's, from any earlier run."""
-    base = journal_path(partial)
-    return sorted(p for p in base.parent.glob(base.name + "*") if p.is_file())
+    single = journal_path(partial)
+    return ([single] if single.is_file() else []) + rank_journals(single)
 
 
 def read_done(partial: Path, plan_hash: str) -> dict[str, dict[str, Any]]:
@@ -177,7 +173,7 @@ def _convert_in_group(plan: ConversionPlan, target: Path, run: RunOptions, me: R
     todo = [tp for tp in plan.tensors if tp.name not in done]
     owners = assign_ranks(plan, todo, me.world_size)
     mine = [tp for tp in todo if owners[tp.name] == me.rank]
-    jpath = rank_journal_path(partial, me.rank)
+    jpath = rank_journal_path(journal_path(partial), me.rank)
     journal = Journal.reopen(jpath, plan_hash) if resuming and jpath.exists() else Journal.start(jpath, plan_hash)
     run_here = replace(run, device=rank_device(run.device, me.local_rank))
     if not run.quiet:

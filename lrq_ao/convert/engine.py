@@ -21,7 +21,7 @@ from lrq_ao.config import LearnedRoundingConfig
 from lrq_ao.convert import comfy_format as cf
 from lrq_ao.convert.plan import ConversionPlan, TensorPlan
 from lrq_ao.convert.report import ConversionReport, LayerRecord
-from lrq_ao.convert.resume import Journal, journal_path
+from lrq_ao.convert.resume import Journal, journal_path, rank_journals
 from lrq_ao.convert.stream import StreamingWriter, TensorInfo, partial_path, read_tensor
 
 # Test-only hook: SIGKILL this process after N journal entries (used to test --resume with a real killed run).
@@ -214,6 +214,10 @@ def convert(plan: ConversionPlan, target: str | Path, run: RunOptions | None = N
     partial = partial_path(target)
     jpath = journal_path(partial)
     resuming = run.resume and partial.exists() and jpath.exists()
+    if not resuming:
+        # A fresh start truncates the partial file, so journals of an earlier torchrun run no longer describe it.
+        for stale in rank_journals(jpath):
+            stale.unlink(missing_ok=True)
     writer = StreamingWriter(target, plan.entries, plan.metadata, resume=resuming)
     try:
         journal = Journal.reopen(jpath, plan_hash) if resuming else Journal.start(jpath, plan_hash)

@@ -21,6 +21,17 @@ def journal_path(partial: Path) -> Path:
     return Path(partial).with_name(Path(partial).name + ".journal")
 
 
+def rank_journal_path(journal: Path, rank: int) -> Path:
+    """The journal of one torchrun rank (``convert.distributed``): ``<journal>.rank<r>``."""
+    return Path(journal).with_name(Path(journal).name + f".rank{rank}")
+
+
+def rank_journals(journal: Path) -> list[Path]:
+    """Every rank journal beside ``journal``, from any earlier distributed run."""
+    journal = Path(journal)
+    return sorted(p for p in journal.parent.glob(journal.name + ".rank*") if p.is_file())
+
+
 class Journal:
     def __init__(self, path: Path, plan_hash: str, done: dict[str, dict[str, Any]], fd: int):
         self.path = path

@@ -19,6 +19,7 @@ from lrq_ao.convert.distributed import (
 )
 from lrq_ao.convert.engine import KILL_HOOK_ENV
 from lrq_ao.convert.plan import build_plan
+from lrq_ao.convert.resume import Journal, journal_path, rank_journal_path
 from lrq_ao.convert.stream import partial_path, read_source
 
 # Learned rounding (not round-to-nearest), so the determinism of the rounding itself is part of what is checked.
@@ -66,6 +67,16 @@ def test_assignment_is_balanced_deterministic_and_complete(minilm_path):
     # MiniLM has 6 identical encoder layers: 2 ranks must split them exactly evenly.
     owners = assign_ranks(plan, plan.tensors, 2)
     assert sum(n for name, n in sizes.items() if owners[name] == 0) * 2 == sum(sizes.values())
+
+
+def test_a_fresh_single_process_run_drops_rank_journals_of_an_abandoned_torchrun(flux_ckpt, tmp_path):
+    # A fresh start truncates the partial file; a later torchrun --resume must not trust the old journals' layers.
+    out = tmp_path / "out.safetensors"
+    stale = rank_journal_path(journal_path(partial_path(out)), 1)
+    Journal.start(stale, plan_for(["-i", str(flux_ckpt)]).plan_hash()).close(delete=False)
+    partial_path(out).write_bytes(b"old")
+    assert single_process(["-i", str(flux_ckpt), "-o", str(out), "--simple", "--quiet"]) == 0
+    assert leftovers(out) == [out]
 
 
 def test_each_rank_gets_its_own_gpu():
