@@ -177,8 +177,7 @@ def _convert_in_group(plan: ConversionPlan, target: Path, run: RunOptions, me: R
     journal = Journal.reopen(jpath, plan_hash) if resuming and jpath.exists() else Journal.start(jpath, plan_hash)
     run_here = replace(run, device=rank_device(run.device, me.local_rank))
     if not run.quiet:
-        n_layers = sum(tp.action == "quantize" for tp in mine)
-        print(f"rank {me.rank}/{me.world_size}: {n_layers} layers on {run_here.device}", file=sys.stderr, flush=True)
+        print(_assignment_summary(plan, todo, owners, me.world_size, run_here.device), file=sys.stderr, flush=True)
     try:
         error, records, peak = _run_share(plan, mine, writer, journal, run_here, me.rank)
     except KeyboardInterrupt:
@@ -235,6 +234,18 @@ def _open_output(
             writer.abort(keep_partial=me.rank != 0 or resuming)
         raise RankFailed("; ".join(problems))
     return writer, done, resuming
+
+
+def _assignment_summary(
+    plan: ConversionPlan, todo: list[TensorPlan], owners: dict[str, int], world_size: int, device: str
+) -> str:
+    layers, elements = [0] * world_size, [0] * world_size
+    for tp in todo:
+        if tp.action == "quantize":
+            layers[owners[tp.name]] += 1
+            elements[owners[tp.name]] += layer_cost(plan, tp)
+    shares = ", ".join(f"rank {r}: {layers[r]} layers, {elements[r] / 1e6:.1f}M weights" for r in range(world_size))
+    return f"torchrun: {world_size} ranks (rank 0 on {device}); {shares}"
 
 
 def _run_share(
