@@ -153,6 +153,7 @@ def convert_distributed(
     """
     run = run or RunOptions()
     me = RankInfo.from_env()
+    run = replace(run, device=rank_device(run.device, me.local_rank))  # before any file exists: a bad flag leaves none
     target = Path(target)
     check_output_target(target, overwrite=run.overwrite, resume=run.resume)
     owns_group = not dist.is_initialized()
@@ -175,11 +176,10 @@ def _convert_in_group(plan: ConversionPlan, target: Path, run: RunOptions, me: R
     mine = [tp for tp in todo if owners[tp.name] == me.rank]
     jpath = rank_journal_path(journal_path(partial), me.rank)
     journal = Journal.reopen(jpath, plan_hash) if resuming and jpath.exists() else Journal.start(jpath, plan_hash)
-    run_here = replace(run, device=rank_device(run.device, me.local_rank))
     if not run.quiet:
-        print(_assignment_summary(plan, todo, owners, me.world_size, run_here.device), file=sys.stderr, flush=True)
+        print(_assignment_summary(plan, todo, owners, me.world_size, run.device), file=sys.stderr, flush=True)
     try:
-        error, records, peak = _run_share(plan, mine, writer, journal, run_here, me.rank)
+        error, records, peak = _run_share(plan, mine, writer, journal, run, me.rank)
     except KeyboardInterrupt:
         writer.abort(keep_partial=True)
         journal.close(delete=False)

@@ -79,6 +79,17 @@ def test_a_fresh_single_process_run_drops_rank_journals_of_an_abandoned_torchrun
     assert leftovers(out) == [out]
 
 
+def test_an_explicit_gpu_index_is_refused_before_any_file_exists(flux_ckpt, tmp_path, monkeypatch, capsys):
+    # Environment of rank 0 of a 2-process launch; the flag is checked before the process group starts.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    out = tmp_path / "out.safetensors"
+    assert single_process(["-i", str(flux_ckpt), "-o", str(out), "--device", "cuda:1", "--quiet"]) == 1
+    assert "pass --device cuda and each rank uses cuda:<LOCAL_RANK>" in capsys.readouterr().err
+    assert leftovers(out) == []
+
+
 def test_each_rank_gets_its_own_gpu():
     assert rank_device("cuda", 3) == "cuda:3"
     assert rank_device("cpu", 3) == "cpu"
