@@ -4,7 +4,9 @@ For each format the float32 model is copied and quantized with ``lrq_ao.quantize
 worst weight SQNR over the 36 encoder linears, the end-to-end SQNR of the final hidden state on held-out text, the
 worst cosine similarity between float and quantized sentence embeddings (mean-pooled, as all-MiniLM-L6-v2), and
 the bytes of the linear weights (qdata + scales) against float32 and bfloat16. Then one quantized model runs one
-forward under ``torch.compile(fullgraph=True)`` and is checked against its eager output.
+forward under ``torch.compile(fullgraph=True)`` and is checked against its eager output. Last, the packaged
+checkpoint is converted to ComfyUI's stock formats with the converter (``lrq_ao.convert.convert_checkpoint``, the
+same code as ``lrq-convert``), verified, read back into a meta-device model with ``lrq_ao.load_comfy_into`` and run.
 
     python -m lrq_ao.demo                                # round-to-nearest, all six formats (CPU: ~1 minute)
     python -m lrq_ao.demo --objective svd --num-iter 100 # learned rounding without calibration data
@@ -125,6 +127,36 @@ class CompiledRun:
         )
 
 
+COMFY_FORMATS = ("float8_e4m3fn", "int8_tensorwise")
+
+
+@torch.no_grad()
+def comfy_round_trip(fp_model: MiniLM, batches: list[Batch], formats=COMFY_FORMATS) -> list[str]:
+    """Convert the packaged checkpoint to each ComfyUI format, verify the file, load it back and measure it."""
+    import tempfile
+    from pathlib import Path
+
+    from lrq_ao.convert import convert_checkpoint
+    from lrq_ao.convert.reader import load_comfy_into
+    from lrq_ao.quality.minilm import MiniLMConfig, minilm_dir
+
+    lines = [f"{'ComfyUI format':<18} {'file MB':>8} {'verify':>7} {'quantized':>10} {'end-to-end dB':>14}"]
+    with tempfile.TemporaryDirectory() as folder:
+        for fmt in formats:
+            out = Path(folder) / f"minilm_{fmt}.safetensors"
+            report = convert_checkpoint(minilm_dir() / "model.safetensors", out, format=fmt, simple=True, verify=True)
+            with torch.device("meta"):
+                model = MiniLM(MiniLMConfig.from_json_file(minilm_dir() / "config.json"))
+            loaded = load_comfy_into(model, out, strict=False, dtype=torch.float32)
+            quality = evaluate(fp_model, model.eval(), batches, label=fmt)
+            ok = "ok" if report.verify and report.verify["ok"] else "FAILED"
+            lines.append(
+                f"{fmt:<18} {out.stat().st_size / MB:>8.1f} {ok:>7} {len(loaded.quantized):>10} "
+                f"{quality.end_to_end_sqnr:>14.2f}"
+            )
+    return lines
+
+
 @torch.no_grad()
 def compiled_forward(model: MiniLM, fp_model: MiniLM, batch: Batch) -> CompiledRun:
     """Run ``model`` under ``torch.compile(fullgraph=True)`` twice; compare with its eager output and with the
@@ -160,6 +192,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled forward")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--per-layer", action="store_true", help="also print every format's per-layer table")
+    parser.add_argument("--no-comfy", action="store_true", help="skip the ComfyUI conversion round trip")
     args = parser.parse_args(argv)
     if args.objective in ("output", "act_svd") and not args.calibrate:
         parser.error(f"--objective {args.objective} needs calibration statistics: add --calibrate")
@@ -192,6 +225,9 @@ def main(argv: list[str] | None = None) -> list[DemoRow]:
         else:
             quantized, _ = quantize_copy(model, LearnedRoundingConfig(format=args.compile_format, objective="rtn"))
         print(f"\n{args.compile_format}: {compiled_forward(quantized, model, batches[0])}")
+    if not args.no_comfy:
+        print("\nThe packaged checkpoint through lrq-convert (round-to-nearest), read back by load_comfy_into:")
+        print("\n".join(comfy_round_trip(model, batches)))
     return rows
 
 

@@ -59,7 +59,7 @@ def test_demo_table_matches_the_primitives_reference(capsys):
     from lrq_ao.quality.metrics import evaluate
     from lrq_ao.quality.minilm import load_minilm
 
-    rows = main(["--formats", "int8", "fp8_block", "--no-compile"])
+    rows = main(["--formats", "int8", "fp8_block", "--no-compile", "--no-comfy"])
     printed = capsys.readouterr().out
     fp = load_minilm()
     batches = evaluation_batches(batch_size=16)
@@ -91,3 +91,21 @@ def test_table_adds_the_rtn_column_only_for_other_objectives():
     assert "RTN" not in plain and "fp8" in plain and "27.50" in plain and "31.00" in plain
     compared = format_rows([DemoRow("fp8", report, 10.6, 58.4, 1.0, None, 25.12)], bf16, 42.5, 90.3)
     assert "RTN end-to-end dB" in compared.splitlines()[0] and compared.splitlines()[-1].endswith("25.12")
+
+
+@pytest.mark.slow
+def test_comfy_round_trip_matches_quantize_in_memory():
+    """The demo's ComfyUI step (convert → verify → load_comfy_into) must give the model quantize_ gives in memory:
+    round-to-nearest in the converter and in quantize_ are the same arithmetic, so the end-to-end SQNR matches."""
+    from lrq_ao.demo import comfy_round_trip
+    from lrq_ao.quality.baseline import fake_quantize_rtn
+    from lrq_ao.quality.metrics import evaluate
+    from lrq_ao.quality.minilm import load_minilm
+
+    fp = load_minilm()
+    batches = evaluation_batches(batch_size=16)[:2]
+    lines = comfy_round_trip(fp, batches, formats=("int8_tensorwise",))
+    fmt, _, verify, quantized, e2e = lines[1].split()
+    assert (fmt, verify, quantized) == ("int8_tensorwise", "ok", "36")
+    reference = evaluate(fp, fake_quantize_rtn(fp, "int8"), batches)
+    assert float(e2e) == pytest.approx(reference.end_to_end_sqnr, abs=0.01)
