@@ -1,8 +1,10 @@
 """Calibration and evaluation text for the MiniLM harness: deterministic, disjoint sentence splits, tokenized with
 the ``tokenizers`` library from the package's own ``tokenizer.json``.
 
-Every third sentence (global index ``% 3 == 2``) is held out for evaluation; the rest calibrate. Both splits
-cover every topic of ``lrq_ao.quality.corpus`` but never share a sentence.
+Every third sentence (global index ``% 3 == 2``) of ``lrq_ao.quality.corpus`` is held out for evaluation; the rest
+calibrate. Both splits cover every topic of that corpus but never share a sentence. The calibration split also
+holds every sentence of ``lrq_ao.quality.corpus_calibration`` (calibration-only text, appended after the corpus's
+own calibration sentences), so the evaluation split is exactly what it was before that text was added.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from lrq_ao.quality.corpus import PARAGRAPHS
+from lrq_ao.quality.corpus_calibration import CALIBRATION_PARAGRAPHS
 from lrq_ao.quality.minilm import PIP_NAME, minilm_dir
 
 EVAL_EVERY = 3
@@ -33,13 +36,24 @@ class Batch(NamedTuple):
         return Batch(*(t.to(device) for t in self))
 
 
+def _split(paragraphs: tuple[str, ...]) -> list[str]:
+    return [s for paragraph in paragraphs for s in _SENTENCE_END.split(" ".join(paragraph.split()))]
+
+
 def all_sentences() -> list[str]:
-    """Every sentence of the corpus, in order."""
-    return [s for paragraph in PARAGRAPHS for s in _SENTENCE_END.split(paragraph.strip())]
+    """Every sentence of the corpus (``lrq_ao.quality.corpus``), in order; the calibration-only text is not in it."""
+    return _split(PARAGRAPHS)
+
+
+def extra_calibration_sentences() -> list[str]:
+    """Every sentence of the calibration-only text (``lrq_ao.quality.corpus_calibration``), in order."""
+    return _split(CALIBRATION_PARAGRAPHS)
 
 
 def calibration_sentences() -> list[str]:
-    return [s for i, s in enumerate(all_sentences()) if i % EVAL_EVERY != EVAL_EVERY - 1]
+    """The corpus's calibration sentences (two of every three), then all of the calibration-only text."""
+    own = [s for i, s in enumerate(all_sentences()) if i % EVAL_EVERY != EVAL_EVERY - 1]
+    return own + extra_calibration_sentences()
 
 
 def evaluation_sentences() -> list[str]:
@@ -100,14 +114,17 @@ def unpadded_batches(sentences: list[str]) -> list[Batch]:
 
 
 @torch.no_grad()
-def calibrate_on_text(model: torch.nn.Module):
-    """Run ``model`` over the calibration split inside ``lrq_ao.calibrate`` and return the ``Calibration``
-    (per-linear input statistics keyed by module name; pass it as ``LearnedRoundingConfig(calibration=...)``).
+def calibrate_on_text(model: torch.nn.Module, sentences: list[str] | None = None):
+    """Run ``model`` over the calibration split (or ``sentences``, e.g. a prefix of it, for speed) inside
+    ``lrq_ao.calibrate`` and return the ``Calibration`` (per-linear input statistics keyed by module name; pass it
+    as ``LearnedRoundingConfig(calibration=...)``).
 
     The batches hold no padding, so the statistics count real tokens only; the evaluation split is never seen."""
     from lrq_ao.rounding.calibration import calibrate
 
+    if sentences is None:
+        sentences = calibration_sentences()
     with calibrate(model) as calib:
-        for batch in unpadded_batches(calibration_sentences()):
+        for batch in unpadded_batches(sentences):
             model(*batch)
     return calib
