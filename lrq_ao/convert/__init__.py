@@ -21,12 +21,15 @@ def convert_checkpoint(
     device: str = "cpu",
     overwrite: bool = False,
     resume: bool = False,
+    max_shard_size: int | str | None = None,
     **rounding: Any,
 ):
     """Convert a safetensors checkpoint to a ComfyUI quantized checkpoint; returns the ``ConversionReport``.
 
     ``format`` is a ComfyUI format name (or lrq_ao short name); ``simple`` = round-to-nearest; ``preset`` None
     auto-detects the model family; ``rounding`` overrides ``LearnedRoundingConfig`` fields (``num_iter=...``).
+    ``max_shard_size`` (bytes, or ``"5GB"``/``"500MB"``) splits the output into ``<stem>-0000i-of-0000N.safetensors``
+    shards beside ``<stem>.safetensors.index.json`` (``report.output`` is then the index); None writes one file.
     With ``verify`` the output is reloaded and checked (``report.verify``). Raises ``ValueError``/``OSError`` for
     bad input or an unusable output path, like the CLI. Under ``torchrun`` (``WORLD_SIZE`` > 1) the layers are spread
     over the ranks (``lrq_ao.convert.distributed``); rank 0 returns the report, the other ranks None.
@@ -37,7 +40,8 @@ def convert_checkpoint(
     from lrq_ao.convert.stream import read_source
 
     config = LearnedRoundingConfig(**{**rounding, **({"objective": "rtn"} if simple else {})})
-    plan = build_plan(read_source(input), ConvertOptions(format=format, preset=preset, rounding=config))
+    options = ConvertOptions(format=format, preset=preset, rounding=config)
+    plan = build_plan(read_source(input), options, max_shard_size=max_shard_size)
     run = RunOptions(device=device, resume=resume, overwrite=overwrite, quiet=True)
     from lrq_ao.convert.distributed import convert_distributed, launched_distributed
 

@@ -21,6 +21,7 @@ from lrq_ao.convert.plan import (
     custom_format_warning,
     describe_plan,
     load_layer_config,
+    parse_size,
 )
 from lrq_ao.convert.presets import PRESET_ALIASES, PRESETS
 
@@ -51,6 +52,7 @@ examples:
   lrq-convert -i flux1-dev.safetensors --simple                      # FP8, auto-detected preset
   lrq-convert -i t5xxl_fp16.safetensors --t5xxl --int8 -o t5xxl_int8.safetensors
   lrq-convert -i model.safetensors --dry-run                         # show the plan, write nothing
+  lrq-convert -i model.safetensors --max-shard-size 5GB -o out.safetensors  # out-0000i-of-0000N + index
   lrq-convert -i model.safetensors --resume --verify --report r.json --plot sqnr.png
 
 presets (auto-detected from key names when no flag is given; a flag overrides):
@@ -74,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io.add_argument(
         "-o", "--output", help="output .safetensors path (default: <input>_<format>.safetensors beside the input)"
+    )
+    io.add_argument(
+        "--max-shard-size",
+        "--max_shard_size",
+        type=_size_arg,
+        default=None,
+        dest="max_shard_size",
+        metavar="SIZE",
+        help="split the output into shards of at most SIZE tensor bytes (5GB, 500MB, 2GiB or bytes): "
+        "<stem>-00001-of-0000N.safetensors beside <stem>.safetensors.index.json (default: one file)",
     )
     io.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     io.add_argument(
@@ -283,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def resolve_format(args: argparse.Namespace) -> str:
     """The ``--format`` name the flags ask for."""
     if args.format:
@@ -352,7 +371,7 @@ def _say(quiet: bool, *msg: str) -> None:
 def run(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and convert. Returns the exit code (0 ok, 1 error, 3 --verify found problems)."""
     from lrq_ao.convert.distributed import RankInfo, launched_distributed
-    from lrq_ao.convert.engine import RunOptions, check_output_target, convert
+    from lrq_ao.convert.engine import RunOptions, check_plan_targets, convert
     from lrq_ao.convert.stream import read_source
 
     args = build_parser().parse_args(argv)
@@ -360,7 +379,7 @@ def run(argv: list[str] | None = None) -> int:
     args.quiet = args.quiet or RankInfo.from_env().rank != 0
     options = options_from_args(args)
     source = read_source(args.input)
-    plan = build_plan(source, options)
+    plan = build_plan(source, options, max_shard_size=args.max_shard_size)
     output = Path(args.output) if args.output else default_output(args.input, options.format)
     if not args.dry_run:
         _say(args.quiet, f"preset: {plan.preset.name} ({plan.preset_reason})")
@@ -371,9 +390,11 @@ def run(argv: list[str] | None = None) -> int:
         if RankInfo.from_env().rank != 0:
             return 0
         print(describe_plan(plan))
-        print(f"output would be: {output}")
+        final, files, _ = plan.output_files(output)
+        shards = f" + {len(files)} shards ({files[0].path.name} ...)" if plan.shards else ""
+        print(f"output would be: {final}{shards}")
         return 0
-    check_output_target(output, overwrite=args.overwrite, resume=args.resume)
+    check_plan_targets(plan, output, overwrite=args.overwrite, resume=args.resume)
     run_opts = RunOptions(args.device, args.resume, args.overwrite, args.quiet, _load_calibration(args.calib))
     if distributed:
         from lrq_ao.convert.distributed import convert_distributed
@@ -399,7 +420,8 @@ def run(argv: list[str] | None = None) -> int:
             )
     if not args.quiet:
         print(report.table(max_rows=60))
-        print(f"wrote {output}")
+        shards = f" and {len(plan.shards)} shards beside it" if plan.shards else ""
+        print(f"wrote {report.output}{shards}")
     if args.report:
         report.write_json(args.report)
     if args.plot:

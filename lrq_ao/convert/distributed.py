@@ -22,6 +22,9 @@ rank 0 reads every journal beside the partial file (of any earlier world size, a
 sends the union to all ranks, and the remaining tensors are assigned afresh, so a resumed run may use a different
 ``--nproc_per_node``.
 
+Sharded output (``--max-shard-size``) works the same way: rank 0 creates every ``<shard>.partial`` and the index's
+partial file, each rank pwrites a tensor into the shard that holds it, and rank 0 renames the set (index last).
+
 Single host only: ranks share the output file through one filesystem (the normal ``torchrun --standalone`` case).
 """
 
@@ -45,13 +48,17 @@ from lrq_ao.convert.engine import (
     _ReadAhead,
     _rss_reset_and_read,
     _run_one,
-    check_output_target,
+    check_plan_targets,
+    open_plan_output,
+    output_size,
     pin_large_allocations_to_mmap,
 )
 from lrq_ao.convert.plan import ConversionPlan, TensorPlan
 from lrq_ao.convert.report import ConversionReport, LayerRecord
 from lrq_ao.convert.resume import Journal, journal_path, rank_journal_path, rank_journals
-from lrq_ao.convert.stream import StreamingWriter, partial_path
+from lrq_ao.convert.stream import ShardedWriter, StreamingWriter, partial_path
+
+Writer = StreamingWriter | ShardedWriter
 
 # Test-only: with KILL_HOOK_ENV, only this rank SIGKILLs itself (default: every rank that reaches the count).
 KILL_RANK_ENV = "LRQ_CONVERT_TEST_KILL_RANK"
@@ -155,7 +162,7 @@ def convert_distributed(
     me = RankInfo.from_env()
     run = replace(run, device=rank_device(run.device, me.local_rank))  # before any file exists: a bad flag leaves none
     target = Path(target)
-    check_output_target(target, overwrite=run.overwrite, resume=run.resume)
+    check_plan_targets(plan, target, overwrite=run.overwrite, resume=run.resume)
     owns_group = not dist.is_initialized()
     if owns_group:
         dist.init_process_group("gloo", timeout=EXCHANGE_TIMEOUT)
@@ -169,7 +176,8 @@ def convert_distributed(
 def _convert_in_group(plan: ConversionPlan, target: Path, run: RunOptions, me: RankInfo) -> ConversionReport | None:
     t_start = time.perf_counter()
     plan_hash = plan.plan_hash()
-    partial = partial_path(target)
+    final = plan.output_files(target)[0]  # the index when sharded: its partial file and journals mark the run
+    partial = partial_path(final)
     writer, done, resuming = _open_output(plan, target, run, me, plan_hash)
     todo = [tp for tp in plan.tensors if tp.name not in done]
     owners = assign_ranks(plan, todo, me.world_size)
@@ -198,15 +206,15 @@ def _convert_in_group(plan: ConversionPlan, target: Path, run: RunOptions, me: R
         return None
     writer.finish()
     remove_journals(partial)
-    return _report(plan, target, outcomes, done, time.perf_counter() - t_start)
+    return _report(plan, writer, outcomes, done, time.perf_counter() - t_start)
 
 
 def _open_output(
     plan: ConversionPlan, target: Path, run: RunOptions, me: RankInfo, plan_hash: str
-) -> tuple[StreamingWriter, dict[str, dict[str, Any]], bool]:
-    """Rank 0 creates (or reopens, for ``--resume``) the partial file and reads the journals; then every other rank
-    opens the same file. Returns this rank's writer, the tensors already done, and whether this is a resume."""
-    partial = partial_path(target)
+) -> tuple[Writer, dict[str, dict[str, Any]], bool]:
+    """Rank 0 creates (or reopens, for ``--resume``) the partial file(s) and reads the journals; then every other
+    rank opens the same files. Returns this rank's writer, the tensors already done, and whether this is a resume."""
+    partial = partial_path(plan.output_files(target)[0])
     setup: list[Any] = [None, {}, False]  # error message, done set, resuming
     writer = None
     if me.rank == 0:
@@ -215,7 +223,7 @@ def _open_output(
             done = read_done(partial, plan_hash) if resuming else {}
             if not resuming:
                 remove_journals(partial)  # stale journals of an abandoned run would be merged by a later --resume
-            writer = StreamingWriter(target, plan.entries, plan.metadata, resume=resuming)
+            writer = open_plan_output(plan, target, resume=resuming)
             setup = [None, done, resuming]
         except Exception as e:
             setup = [f"rank 0 could not prepare {partial}: {e}", {}, False]
@@ -223,7 +231,7 @@ def _open_output(
     error, done, resuming = setup
     if error is None and me.rank != 0:
         try:
-            writer = StreamingWriter(target, plan.entries, plan.metadata, resume=True)  # checks header and size
+            writer = open_plan_output(plan, target, resume=True)  # checks headers and sizes
         except Exception as e:
             error = f"rank {me.rank} could not open {partial}: {e}"
     errors = [None] * me.world_size
@@ -249,7 +257,7 @@ def _assignment_summary(
 
 
 def _run_share(
-    plan: ConversionPlan, mine: list[TensorPlan], writer: StreamingWriter, journal: Journal, run: RunOptions, rank: int
+    plan: ConversionPlan, mine: list[TensorPlan], writer: Writer, journal: Journal, run: RunOptions, rank: int
 ) -> tuple[str | None, dict[str, LayerRecord], int | None]:
     """Quantize and write this rank's tensors. Returns (error message or None, records, peak RSS growth)."""
     kill_after = _kill_after(rank)
@@ -286,7 +294,7 @@ def _kill_after(rank: int) -> int | None:
     return int(value)
 
 
-def _exchange(writer0: StreamingWriter | None, outcome: tuple) -> list[tuple]:
+def _exchange(writer0: Writer | None, outcome: tuple) -> list[tuple]:
     """Every rank's (error, records, peak). If a peer died the collective raises: keep the work for ``--resume``."""
     outcomes: list[Any] = [None] * dist.get_world_size()
     try:
@@ -309,7 +317,7 @@ def _failure_message(failures: list[tuple[int, str]], rank: int) -> str:
 
 def _report(
     plan: ConversionPlan,
-    target: Path,
+    writer: Writer,
     outcomes: list[tuple],
     done: dict[str, dict[str, Any]],
     seconds: float,
@@ -324,13 +332,13 @@ def _report(
     files = plan.source.files
     return ConversionReport(
         input=files[0] if len(files) == 1 else os.path.dirname(files[0]),
-        output=str(target),
+        output=str(writer.target),
         preset=plan.preset.name,
         layers=[records[t.name] for t in plan.quantized],
         kept={t.name: t.reason for t in plan.tensors if t.action == "keep"},
         removed={t.name: t.reason for t in plan.tensors if t.action == "remove"},
         input_bytes=plan.input_bytes,
-        output_bytes=target.stat().st_size,
+        output_bytes=output_size(writer),
         seconds=seconds,
         resumed_tensors=len(done),
         peak_rss_bytes=max(peaks) if peaks else None,  # the largest single rank's growth

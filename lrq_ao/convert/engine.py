@@ -22,7 +22,7 @@ from lrq_ao.convert import comfy_format as cf
 from lrq_ao.convert.plan import ConversionPlan, TensorPlan
 from lrq_ao.convert.report import ConversionReport, LayerRecord
 from lrq_ao.convert.resume import Journal, journal_path, rank_journals
-from lrq_ao.convert.stream import StreamingWriter, TensorInfo, partial_path, read_tensor
+from lrq_ao.convert.stream import ShardedWriter, StreamingWriter, TensorInfo, open_output, partial_path, read_tensor
 
 # Test-only hook: SIGKILL this process after N journal entries (used to test --resume with a real killed run).
 KILL_HOOK_ENV = "LRQ_CONVERT_TEST_KILL_AFTER"
@@ -122,6 +122,26 @@ def check_output_target(target: Path, *, overwrite: bool, resume: bool) -> None:
         raise PermissionError(f"output folder {folder} is not writable; choose another -o")
 
 
+def check_plan_targets(plan: ConversionPlan, target: str | Path, *, overwrite: bool, resume: bool) -> Path:
+    """``check_output_target`` for every file ``plan`` writes for ``-o target`` (each shard and the index when
+    sharded). Returns the final path: ``target`` itself, or the index of a sharded output."""
+    final, files, index = plan.output_files(target)
+    for path in [f.path for f in files] + ([final] if index is not None else []):
+        check_output_target(path, overwrite=overwrite, resume=resume)
+    return final
+
+
+def output_size(writer: StreamingWriter | ShardedWriter) -> int:
+    """Bytes of the finished output files (every shard and the index when sharded)."""
+    return sum(p.stat().st_size for p in writer.paths)
+
+
+def open_plan_output(plan: ConversionPlan, target: str | Path, *, resume: bool) -> StreamingWriter | ShardedWriter:
+    """The writer for ``plan``'s output to ``-o target`` (``stream.open_output``), new or reopened for resume."""
+    final, files, index = plan.output_files(target)
+    return open_output(final, files, index, resume=resume)
+
+
 def _kill_hook() -> int | None:
     value = os.environ.get(KILL_HOOK_ENV)
     return int(value) if value else None
@@ -202,23 +222,25 @@ class _Progress:
 def convert(plan: ConversionPlan, target: str | Path, run: RunOptions | None = None) -> ConversionReport:
     """Write ``plan``'s output to ``target`` (via ``<target>.partial`` and a rename). Returns the report.
 
-    On an exception the partial file and journal are deleted (no partial output is left behind); on Ctrl-C they are
+    A sharded plan writes ``<stem>-0000i-of-0000N.safetensors`` and ``<stem>.safetensors.index.json`` beside
+    ``target`` (each via its ``.partial``; the index is renamed last) and the report's ``output`` is the index.
+    On an exception the partial files and journal are deleted (no partial output is left behind); on Ctrl-C they are
     kept so ``--resume`` can continue. Raises ``FileExistsError``/``PermissionError`` for an unusable target and
     ``ValueError`` naming the tensor for bad weights.
     """
     run = run or RunOptions()
     target = Path(target)
-    check_output_target(target, overwrite=run.overwrite, resume=run.resume)
+    final = check_plan_targets(plan, target, overwrite=run.overwrite, resume=run.resume)
     t_start = time.perf_counter()
     plan_hash = plan.plan_hash()
-    partial = partial_path(target)
+    partial = partial_path(final)
     jpath = journal_path(partial)
     resuming = run.resume and partial.exists() and jpath.exists()
     if not resuming:
         # A fresh start truncates the partial file, so journals of an earlier torchrun run no longer describe it.
         for stale in rank_journals(jpath):
             stale.unlink(missing_ok=True)
-    writer = StreamingWriter(target, plan.entries, plan.metadata, resume=resuming)
+    writer = open_plan_output(plan, target, resume=resuming)
     try:
         journal = Journal.reopen(jpath, plan_hash) if resuming else Journal.start(jpath, plan_hash)
     except Exception:
@@ -240,13 +262,13 @@ def convert(plan: ConversionPlan, target: str | Path, run: RunOptions | None = N
     journal.close(delete=True)
     return ConversionReport(
         input=plan.source.files[0] if len(plan.source.files) == 1 else os.path.dirname(plan.source.files[0]),
-        output=str(target),
+        output=str(final),
         preset=plan.preset.name,
         layers=[records[t.name] for t in plan.quantized],
         kept={t.name: t.reason for t in plan.tensors if t.action == "keep"},
         removed={t.name: t.reason for t in plan.tensors if t.action == "remove"},
         input_bytes=plan.input_bytes,
-        output_bytes=target.stat().st_size,
+        output_bytes=output_size(writer),
         seconds=time.perf_counter() - t_start,
         resumed_tensors=resumed,
         peak_rss_bytes=peak,
@@ -282,7 +304,9 @@ class _ReadAhead:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_plan(plan: ConversionPlan, writer: StreamingWriter, journal: Journal, run: RunOptions) -> dict[str, Any]:
+def _run_plan(
+    plan: ConversionPlan, writer: StreamingWriter | ShardedWriter, journal: Journal, run: RunOptions
+) -> dict[str, Any]:
     kill_after = _kill_hook()
     pin_large_allocations_to_mmap()
     progress = _Progress(plan, run.quiet)
@@ -321,7 +345,7 @@ def _run_one(
     plan: ConversionPlan,
     tp: TensorPlan,
     info: TensorInfo,
-    writer: StreamingWriter,
+    writer: StreamingWriter | ShardedWriter,
     run: RunOptions,
     weight: torch.Tensor | None,
 ) -> LayerRecord | None:

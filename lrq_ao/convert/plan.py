@@ -20,7 +20,16 @@ import torch
 from lrq_ao.config import LearnedRoundingConfig
 from lrq_ao.convert import comfy_format as cf
 from lrq_ao.convert.presets import COMMON_KEEP, Preset, detect_preset, first_match, resolve_preset
-from lrq_ao.convert.stream import DTYPE_NAMES, OutputEntry, Source, TensorInfo, layout_entries, read_tensor
+from lrq_ao.convert.stream import (
+    DTYPE_NAMES,
+    OutputEntry,
+    OutputFile,
+    Source,
+    TensorInfo,
+    encode_header,
+    layout_entries,
+    read_tensor,
+)
 from lrq_ao.primitives import FORMATS, FormatSpec
 
 PLAN_VERSION = 1
@@ -39,6 +48,34 @@ FORMAT_ALIASES = {
 }
 # What a block layout that cannot tile a layer falls back to: always a format with the same element dtype.
 FALLBACK = {"block": "row", "row": "row", "tensor": "tensor"}
+# --max-shard-size units: decimal like Hugging Face's "5GB", binary with an "i".
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(size: int | str) -> int:
+    """A ``--max-shard-size`` value in bytes: an int, or ``"5GB"``, ``"500MB"``, ``"2GiB"``, ``"1000"`` (units are
+    case-insensitive; KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024). ``ValueError`` otherwise."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+        unit = m.group(2).upper() if m else None
+        if unit not in SIZE_UNITS:
+            raise ValueError(f"--max-shard-size {size!r}: give bytes or a size like 5GB, 500MB, 2GiB")
+        value = int(float(m.group(1)) * SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"--max-shard-size {size!r} must be a positive number of bytes")
+    return value
+
+
+def shard_paths(target: str | Path, count: int) -> tuple[Path, list[Path]]:
+    """The index and shard paths for output ``target`` (``x/model.safetensors`` or ``x/model.safetensors.index.json``):
+    ``x/model.safetensors.index.json`` and ``x/model-00001-of-0000N.safetensors``."""
+    target = Path(target)
+    stem = target.name.removesuffix(".index.json").removesuffix(".safetensors")
+    index = target.with_name(f"{stem}.safetensors.index.json")
+    return index, [target.with_name(f"{stem}-{i:05d}-of-{count:05d}.safetensors") for i in range(1, count + 1)]
 
 
 def lrq_format_name(spec: FormatSpec) -> str:
@@ -161,8 +198,23 @@ class TensorPlan:
         return (self.layer + cf.WEIGHT_SUFFIX, self.layer + cf.SCALE_SUFFIX, self.layer + cf.MARKER_SUFFIX)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One output shard: its tensors (offsets relative to this shard's data section) and its header metadata."""
+
+    entries: list[OutputEntry]
+    metadata: dict[str, str]
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+
 @dataclass
 class ConversionPlan:
+    """Every decision of one conversion. ``entries``/``metadata`` describe the single output file; with
+    ``max_shard_size`` the same tensors, in the same order, are split over ``shards`` plus an index instead."""
+
     source: Source
     options: ConvertOptions
     preset: Preset
@@ -171,6 +223,8 @@ class ConversionPlan:
     entries: list[OutputEntry]
     metadata: dict[str, str]
     markers: dict[str, dict[str, Any]]
+    max_shard_size: int | None = None
+    shards: list[Shard] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[TensorPlan]:
@@ -182,9 +236,26 @@ class ConversionPlan:
 
     @property
     def output_bytes(self) -> int:
-        from lrq_ao.convert.stream import encode_header
+        files = self.shards or [Shard(self.entries, self.metadata)]
+        return sum(len(encode_header(f.entries, f.metadata)) + f.data_bytes for f in files)
 
-        return len(encode_header(self.entries, self.metadata)) + sum(e.nbytes for e in self.entries)
+    def output_files(self, target: str | Path) -> tuple[Path, list[OutputFile], bytes | None]:
+        """Where the output goes for ``-o target``: ``(final path, files, index JSON or None)``. Unsharded, the final
+        path is ``target`` itself; sharded, it is the index (written last) and ``files`` are the shards."""
+        target = Path(target)
+        if not self.shards:
+            return target, [OutputFile(target, self.entries, self.metadata)], None
+        index, paths = shard_paths(target, len(self.shards))
+        files = [OutputFile(path, s.entries, s.metadata) for path, s in zip(paths, self.shards)]
+        return index, files, self.index_json(paths)
+
+    def index_json(self, paths: list[Path]) -> bytes:
+        """The Hugging Face style index: ``total_size`` (tensor bytes), the whole-model ``_quantization_metadata``
+        and ``lrq_ao`` entries, and ``weight_map`` (tensor -> shard file name, in plan order)."""
+        meta: dict[str, Any] = {"total_size": sum(s.data_bytes for s in self.shards)}
+        meta.update({k: self.metadata[k] for k in (cf.METADATA_KEY, "lrq_ao") if k in self.metadata})
+        weight_map = {e.name: path.name for path, s in zip(paths, self.shards) for e in s.entries}
+        return (json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n").encode()
 
     def layer_config(self, tp: TensorPlan) -> LearnedRoundingConfig:
         """The rounding config for one quantized layer: the run's config with this layer's format."""
@@ -200,6 +271,11 @@ class ConversionPlan:
         for e in self.entries:
             h.update(f"|{e.name}:{e.dtype}:{e.shape}:{e.offset}".encode())
         h.update(json.dumps(self.metadata, sort_keys=True).encode())
+        if self.shards:  # an unsharded plan hashes as before, so its older partial files stay resumable
+            h.update(f"|shards {self.max_shard_size} x{len(self.shards)}".encode())
+            for shard in self.shards:
+                h.update(json.dumps([[e.name, e.offset] for e in shard.entries]).encode())
+                h.update(json.dumps(shard.metadata, sort_keys=True).encode())
         return h.hexdigest()
 
 
@@ -318,8 +394,10 @@ def scan_nonfinite(source: Source, candidates: list[str]) -> set[str]:
     return bad
 
 
-def build_plan(source: Source, options: ConvertOptions) -> ConversionPlan:
-    """Decide every tensor's fate and lay out the output file. Raises ``ValueError`` for unusable input."""
+def build_plan(source: Source, options: ConvertOptions, *, max_shard_size: int | str | None = None) -> ConversionPlan:
+    """Decide every tensor's fate and lay out the output file (or, with ``max_shard_size``, the shards: see
+    ``split_shards``). Raises ``ValueError`` for unusable input or a bad size."""
+    max_shard_size = None if max_shard_size is None else parse_size(max_shard_size)
     check_not_quantized(source)
     shapes = {n: i.shape for n, i in source.tensors.items()}
     if options.preset is None:
@@ -335,20 +413,45 @@ def build_plan(source: Source, options: ConvertOptions) -> ConversionPlan:
     if not any(i.is_float for i in source.tensors.values()):
         raise ValueError(f"input {source.files[0]} holds no floating-point tensors; nothing to convert")
     markers = {t.layer: _marker(t, options) for t in tensors if t.action == "quantize"}
-    entries: list[OutputEntry] = []
-    for tp in tensors:
-        entries += _outputs_for(tp, source.tensors[tp.name], markers.get(tp.layer))
-    entries, _ = layout_entries(entries)
+    groups = [_outputs_for(tp, source.tensors[tp.name], markers.get(tp.layer)) for tp in tensors]
+    entries, _ = layout_entries([e for group in groups for e in group])
+    metadata = _metadata(source, options, preset, tensors, markers)
+    shards = [] if max_shard_size is None else split_shards(groups, max_shard_size, metadata, markers)
     return ConversionPlan(
-        source,
-        options,
-        preset,
-        preset_reason,
-        tensors,
-        entries,
-        _metadata(source, options, preset, tensors, markers),
-        markers,
+        source, options, preset, preset_reason, tensors, entries, metadata, markers, max_shard_size, shards
     )
+
+
+def split_shards(
+    groups: list[list[OutputEntry]], max_bytes: int, metadata: dict[str, str], markers: dict[str, dict[str, Any]]
+) -> list[Shard]:
+    """Split the output groups (one per input tensor; a quantized layer's weight, scale and marker are one group), in
+    plan order, into shards of at most ``max_bytes`` tensor bytes; a group larger than that gets a shard of its own.
+    A group is never split, so every shard is a complete ComfyUI file for its layers. Each shard's
+    ``_quantization_metadata`` lists exactly its own layers (it is dropped from shards holding none)."""
+    packed: list[list[OutputEntry]] = []
+    size = 0
+    for group in groups:
+        nbytes = sum(e.nbytes for e in group)
+        if not group:
+            continue
+        if not packed or size + nbytes > max_bytes:
+            packed.append([])
+            size = 0
+        packed[-1] += group
+        size += nbytes
+    shards = []
+    for entries in packed:
+        meta = dict(metadata)
+        layers = {e.name[: -len(cf.MARKER_SUFFIX)] for e in entries if e.name.endswith(cf.MARKER_SUFFIX)}
+        if cf.METADATA_KEY in meta:
+            mine = {layer: marker for layer, marker in markers.items() if layer in layers}
+            if mine:
+                meta[cf.METADATA_KEY] = cf.metadata_header(mine)
+            else:
+                del meta[cf.METADATA_KEY]
+        shards.append(Shard(layout_entries(entries)[0], meta))
+    return shards
 
 
 def _metadata(
@@ -386,6 +489,11 @@ def describe_plan(plan: ConversionPlan) -> str:
         f"{sum(1 for t in plan.tensors if t.fallback)} fallbacks",
         f"estimated output size: {human_bytes(plan.output_bytes)} (input {human_bytes(plan.input_bytes)})",
     ]
+    if plan.shards:
+        lines.append(
+            f"output split into {len(plan.shards)} shards of at most {human_bytes(plan.max_shard_size)} tensor bytes "
+            f"each (largest {human_bytes(max(s.data_bytes for s in plan.shards))}) plus an index"
+        )
     custom = sorted({t.format for t in plan.quantized if not cf.COMFY_FORMATS[t.format].stock})
     if custom:
         lines.append(custom_format_warning(custom))

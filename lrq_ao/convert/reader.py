@@ -9,7 +9,8 @@ file and the tensor.
 
 Public entry points: :func:`read_comfy` (lazy: parses and validates, returns a :class:`ComfyCheckpoint`),
 :func:`load_comfy` (a state dict with lrq_ao tensors for quantized weights) and :func:`load_comfy_into`
-(fills a model built on the meta device).
+(fills a model built on the meta device). Each also takes a sharded checkpoint's ``*.safetensors.index.json``:
+every shard is validated as a ComfyUI file of its own (errors name the shard) and the shards are merged.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lrq_ao.convert.comfy_format import (
     ComfyFormatError,
     decode_marker,
     get_comfy_format,
+    metadata_header,
     parse_dtype_name,
     parse_metadata_header,
     scale_from_comfy,
@@ -120,6 +122,17 @@ class ComfyCheckpoint:
     metadata: dict[str, str]
     layers: dict[str, ComfyLayer] = field(default_factory=dict)
     consumed: set[str] = field(default_factory=set)  # keys folded into layers (weights, scales, markers)
+    files: dict[str, Path] = field(default_factory=dict)  # sharded: key -> shard holding it (else all in ``path``)
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Read tensors by key from the file (or, sharded, the shards) holding them."""
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.files.get(key, self.path), []).append(key)
+        out: dict[str, torch.Tensor] = {}
+        for file, file_keys in by_file.items():
+            out.update(_read_tensors(file, file_keys))
+        return {key: out[key] for key in keys}
 
     def formats(self) -> dict[str, str]:
         """``{layer: ComfyUI format name}`` for every quantized layer."""
@@ -131,7 +144,7 @@ class ComfyCheckpoint:
 
     def get_tensor(self, key: str) -> torch.Tensor:
         """Read one tensor from the file (``ComfyFormatError`` naming the file and key if that fails)."""
-        return _read_tensors(self.path, [key])[key]
+        return self.read([key])[key]
 
     def load_layer(self, name: str) -> ComfyLayer:
         """Read ``<name>.weight`` into ``layers[name].qdata`` and return the layer."""
@@ -141,7 +154,7 @@ class ComfyCheckpoint:
         """Read the weights of ``names`` (default: every quantized layer) in one pass over the file."""
         layers = [self.layers[n] for n in (self.layers if names is None else names)]
         todo = [layer.name + WEIGHT_SUFFIX for layer in layers if layer.qdata is None]
-        for key, tensor in _read_tensors(self.path, todo).items():
+        for key, tensor in self.read(todo).items():
             self.layers[key[: -len(WEIGHT_SUFFIX)]].qdata = tensor
         return layers
 
@@ -253,6 +266,8 @@ def read_comfy(path: str | os.PathLike) -> ComfyCheckpoint:
     match its format, a missing or misshapen scale, or header layer names ending in ``.weight``.
     """
     path = Path(path)
+    if path.name.endswith(".index.json"):
+        return _read_sharded(path)
     entries, metadata = _read_header(path)
     ckpt = ComfyCheckpoint(path, entries, metadata)
     markers = _collect_markers(ckpt)
@@ -264,6 +279,39 @@ def read_comfy(path: str | os.PathLike) -> ComfyCheckpoint:
         ckpt.layers[name] = _validate_layer(ckpt, name, marker, source, small)
     _reject_orphan_scales(ckpt)
     return ckpt
+
+
+def _read_sharded(index: Path) -> ComfyCheckpoint:
+    """Validate every shard named by ``index`` on its own (as ComfyUI-style loaders read each file) and merge them.
+
+    Raises :class:`ComfyFormatError` naming the index for a bad index, or the shard for a bad shard, a key the index
+    maps to another file, or a layer split across shards.
+    """
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("'weight_map' is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ComfyFormatError(f"{index}: not a safetensors index with a 'weight_map' ({exc})") from None
+    merged = ComfyCheckpoint(index, {}, {})
+    header_layers: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(weight_map.values()):
+        shard = read_comfy(index.parent / name)  # a missing or bad shard raises naming it
+        mapped = {k for k, v in weight_map.items() if v == name}
+        for key in sorted(set(shard.entries) ^ mapped):
+            where = "holds" if key in shard.entries else "lacks"
+            raise ComfyFormatError(f"{shard.path}: {where} tensor {key!r}, but {index.name} maps it elsewhere")
+        merged.entries.update(shard.entries)
+        merged.files.update(dict.fromkeys(shard.entries, shard.path))
+        merged.layers.update(shard.layers)
+        merged.consumed |= shard.consumed
+        if METADATA_KEY in shard.metadata:
+            header_layers.update(parse_metadata_header(shard.metadata[METADATA_KEY], f"{shard.path}: {METADATA_KEY}"))
+        merged.metadata.update({k: v for k, v in shard.metadata.items() if k != METADATA_KEY})
+    if header_layers:
+        merged.metadata[METADATA_KEY] = metadata_header(header_layers)
+    return merged
 
 
 def _collect_markers(ckpt: ComfyCheckpoint) -> dict[str, tuple[dict[str, Any], str]]:
@@ -414,7 +462,7 @@ def load_comfy(
     :class:`ComfyFormatError` for malformed files.
     """
     ckpt = read_comfy(path)
-    state = {k: _cast_floating(t, dtype) for k, t in _read_tensors(ckpt.path, ckpt.plain_keys()).items()}
+    state = {k: _cast_floating(t, dtype) for k, t in ckpt.read(ckpt.plain_keys()).items()}
     for layer in ckpt.load_layers():
         state[layer.name + WEIGHT_SUFFIX] = _weight_tensor(layer, dtype, act, kernel)
         layer.qdata = None  # the lrq_ao tensor holds it now
@@ -471,7 +519,7 @@ def load_comfy_into(
         weight = _weight_tensor(layer, dtype, act, kernel)
         setattr(model.get_submodule(module_path), attr, torch.nn.Parameter(weight, requires_grad=False))
         layer.qdata = None  # the lrq_ao tensor holds it now; do not keep a second reference
-    tensors = _read_tensors(ckpt.path, list(plain.values()))
+    tensors = ckpt.read(list(plain.values()))
     state = {local: _cast_floating(tensors[key], dtype) for local, key in plain.items()}
     model.load_state_dict(state, strict=False, assign=True)
     return result

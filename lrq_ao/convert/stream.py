@@ -8,7 +8,9 @@ holds one copy of it; ``copy_bytes`` moves an untouched tensor in fixed-size chu
 
 ``StreamingWriter`` writes the whole output header first (every output tensor's dtype and shape is known from the
 plan), then each tensor's bytes at its offset in any order, into ``<output>.partial`` beside the target; ``finish``
-fsyncs and renames. Input files are only ever opened read-only.
+fsyncs and renames. ``ShardedWriter`` does the same for a set of shards plus their ``*.safetensors.index.json``:
+every file is written as ``<file>.partial`` and the final names appear only once all are complete, the index last.
+Input files are only ever opened read-only.
 """
 
 from __future__ import annotations
@@ -330,10 +332,19 @@ class StreamingWriter:
                 self.write_at(entry, done, memoryview(chunk))
                 done += len(chunk)
 
-    def finish(self) -> Path:
+    @property
+    def paths(self) -> list[Path]:
+        """The final file names this writer produces."""
+        return [self.target]
+
+    def sync_close(self) -> None:
+        """Flush the data to disk and close; the file keeps its ``.partial`` name."""
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
+
+    def finish(self) -> Path:
+        self.sync_close()
         os.replace(self.partial, self.target)
         _fsync_dir(self.target.parent)
         return self.target
@@ -345,6 +356,99 @@ class StreamingWriter:
             self.fd = -1
         if not keep_partial:
             self.partial.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One safetensors file of the output: its final path, its tensors (offsets within it) and its metadata."""
+
+    path: Path
+    entries: list[OutputEntry]
+    metadata: dict[str, str]
+
+
+class ShardedWriter:
+    """Writes shards plus their index as one unit, with ``StreamingWriter``'s interface (``write``, ``copy_from``,
+    ``finish``, ``abort``); each tensor goes to the shard that holds it.
+
+    The index's content is known up front, so ``<index>.partial`` is written at the start: its presence marks an
+    unfinished set (``--resume`` looks for it and its journal). ``finish`` fsyncs every shard, renames them, then
+    renames the index, so a loader that starts from the index never sees an incomplete set.
+    """
+
+    def __init__(self, index: Path, files: list[OutputFile], index_json: bytes, *, resume: bool = False):
+        self.target = Path(index)
+        self.partial = partial_path(self.target)
+        self.index_json = index_json
+        if resume:
+            missing = [str(partial_path(f.path)) for f in files if not partial_path(f.path).is_file()]
+            if not self.partial.is_file() or self.partial.read_bytes() != index_json or missing:
+                what = f"shard partial files {missing} are missing" if missing else f"{self.partial} differs"
+                raise CheckpointError(
+                    f"{what}: the partial output does not match this conversion's shard layout; delete the .partial "
+                    f"files or run without --resume"
+                )
+        self.writers: list[StreamingWriter] = []
+        try:
+            for f in files:
+                self.writers.append(StreamingWriter(f.path, f.entries, f.metadata, resume=resume))
+            if not resume:
+                _write_file(self.partial, index_json)
+        except BaseException:
+            self.abort(keep_partial=resume)
+            raise
+        self.owner = {name: w for w in self.writers for name in w.entries}
+
+    @property
+    def paths(self) -> list[Path]:
+        return [w.target for w in self.writers] + [self.target]
+
+    def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
+        self.owner[name].write(name, data)
+
+    def copy_from(self, name: str, info: TensorInfo) -> None:
+        self.owner[name].copy_from(name, info)
+
+    def finish(self) -> Path:
+        for w in self.writers:
+            w.sync_close()
+        for w in self.writers:
+            os.replace(w.partial, w.target)
+        _fsync_dir(self.target.parent)
+        os.replace(self.partial, self.target)
+        _fsync_dir(self.target.parent)
+        return self.target
+
+    def abort(self, *, keep_partial: bool) -> None:
+        """Close every shard; delete every partial file (shards and index) unless they are kept for ``--resume``."""
+        for w in self.writers:
+            w.abort(keep_partial=keep_partial)
+        if not keep_partial:
+            self.partial.unlink(missing_ok=True)
+
+
+def open_output(
+    target: Path, files: list[OutputFile], index_json: bytes | None, *, resume: bool = False
+) -> StreamingWriter | ShardedWriter:
+    """The writer for a plan's output: one ``StreamingWriter`` (no index) or a ``ShardedWriter`` for shards + index."""
+    if index_json is None:
+        (only,) = files
+        return StreamingWriter(only.path, only.entries, only.metadata, resume=resume)
+    return ShardedWriter(target, files, index_json, resume=resume)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError as e:
+        raise OSError(f"cannot create output file {path} ({e.strerror}); choose another -o") from e
+    try:
+        view = memoryview(data)
+        while view.nbytes:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def partial_path(target: Path) -> Path:
