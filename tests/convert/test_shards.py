@@ -227,3 +227,22 @@ def test_two_ranks_write_the_single_process_shards(converted, minilm, tmp_path):
     done = torchrun(["-i", str(minilm), "--simple", "--quiet", "-o", str(out), "--max-shard-size", SHARD])
     assert done.returncode == 0, done.stderr[-3000:]
     same_bytes(converted["folder"], tmp_path)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_resumes_to_the_single_process_shards(converted, minilm, tmp_path):
+    from test_distributed import torchrun
+
+    from lrq_ao.convert.distributed import KILL_RANK_ENV
+
+    out = tmp_path / "sh.safetensors"
+    args = ["-i", str(minilm), "--simple", "--quiet", "-o", str(out), "--max-shard-size", SHARD]
+    killed = torchrun(args, {KILL_HOOK_ENV: "3", KILL_RANK_ENV: "1"})
+    assert killed.returncode != 0
+    assert (tmp_path / "sh.safetensors.index.json.partial").exists() and not (
+        tmp_path / "sh.safetensors.index.json"
+    ).exists()
+    assert list(tmp_path.glob("sh.safetensors.index.json.partial.journal.rank*"))
+    resumed = torchrun([*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    same_bytes(converted["folder"], tmp_path)
