@@ -40,12 +40,15 @@ class QuantizationReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
-        header = ("layer", "shape", "format", "activation", "objective", "SQNR dB", "moved %", "seconds")
+        header = ("layer", "shape", "format", "activation", "objective", "SQNR dB", "out dB RTN", "out dB", "moved %")
+        header += ("seconds",)
         rows = [header] + [_layer_row(layer) for layer in self.layers]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"{len(self.layers)} quantized, {len(self.skipped)} skipped")
+        # Why say it: the held-out columns are easy to mistake for the (optimistic) fitted output SQNR.
+        lines.append("SQNR dB: weight; out dB: layer output on held-out calibration calls, round-to-nearest and final")
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
 
@@ -60,6 +63,8 @@ def _layer_row(layer: dict[str, Any]) -> tuple[str, ...]:
         str(layer.get("activation", "")),
         str(layer.get("objective", "")),
         _fmt(layer.get("weight_sqnr_db"), "{:.2f}"),
+        _fmt(layer.get("output_sqnr_heldout_rtn_db"), "{:.2f}"),
+        _fmt(layer.get("output_sqnr_heldout_db"), "{:.2f}"),
         "-" if moved is None else f"{100 * moved:.1f}",
         _fmt(seconds, "{:.2f}"),
     )

@@ -168,6 +168,8 @@ def test_report_table():
                 "activation": "weight_only",
                 "objective": "svd",
                 "weight_sqnr_db": 41.234,
+                "output_sqnr_heldout_rtn_db": 30.456,
+                "output_sqnr_heldout_db": 33.105,
                 "moved_fraction": 0.0812,
                 "seconds": 0.5,
             },
@@ -187,11 +189,12 @@ def test_report_table():
     assert_expected_inline(
         str(report),
         """\
-layer         shape  format  activation   objective  SQNR dB  moved %  seconds
-------------  -----  ------  -----------  ---------  -------  -------  -------
-blocks.0.qkv  96x32  int8    weight_only  svd        41.23    8.1      0.50
-head          8x32   int8    dynamic/row  rtn        inf      -        -
+layer         shape  format  activation   objective  SQNR dB  out dB RTN  out dB  moved %  seconds
+------------  -----  ------  -----------  ---------  -------  ----------  ------  -------  -------
+blocks.0.qkv  96x32  int8    weight_only  svd        41.23    30.46       33.10   8.1      0.50
+head          8x32   int8    dynamic/row  rtn        inf      -           -       -        -
 2 quantized, 1 skipped
+SQNR dB: weight; out dB: layer output on held-out calibration calls, round-to-nearest and final
   skipped proj: excluded by filter_fn""",
     )
 

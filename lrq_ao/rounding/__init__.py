@@ -14,6 +14,7 @@ changes. Pipeline (all on ``config.device`` or the weight's device):
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -141,6 +142,7 @@ def quantize_weight(
     if skip:
         w_dq = dequantize(qdata.to(dev), scale.to(dev), block_size)
         report.update(weight_sqnr_db=sqnr(w, w_dq), objective_rtn=None, objective_final=None, kept_rtn=True)
+        report.update(_heldout_report(w, w_dq, w_dq, stats))
         report.update(moved_fraction=0.0, init="rtn", relaxation="none", seconds=time.perf_counter() - t0)
         return RoundedWeight(qdata, scale, block_size, report, _bias_delta(config, stats, w, w_dq - w, dev, w_cpu_dev))
 
@@ -214,6 +216,7 @@ def _learned_rounding(w, qdata, scale, block_size, config, objective, init, rela
     )
     if objective in ("output", "act_svd") and stats is not None:
         report["output_sqnr_db"] = _output_sqnr(w, w_dq, stats.h.to(dev))
+    report.update(_heldout_report(w, grid.values[idx_rtn] * s_full, w_dq, stats))
     bias_delta = _bias_delta(config, stats, w, w_dq - w, dev, out_device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -222,11 +225,25 @@ def _learned_rounding(w, qdata, scale, block_size, config, objective, init, rela
 
 
 def _output_sqnr(w: torch.Tensor, w_dq: torch.Tensor, h: torch.Tensor) -> float:
-    """Output SQNR on the calibration inputs: ``10 log10(tr(W H Wᵀ) / tr(E H Eᵀ))``."""
-    e = w_dq - w
-    sig = float(((w @ h) * w).sum())
+    """Output SQNR (bias left out) on the inputs whose second moment is ``h``: ``10 log10(tr(W H Wᵀ) / tr(E H Eᵀ))``,
+    ``E = W_dq − W``; float64, since ``tr(E H Eᵀ)`` is a small difference-driven number."""
+    h = h.to(device=w.device, dtype=torch.float64)
+    w64 = w.double()
+    e = w_dq.double() - w64
+    sig = float(((w64 @ h) * w64).sum())
     err = float(((e @ h) * e).sum())
-    return float("inf") if err <= 0 else 10.0 * torch.log10(torch.tensor(sig / err)).item()
+    return float("inf") if err <= 0 else 10.0 * math.log10(sig / err)
+
+
+def _heldout_report(w, w_rtn_dq, w_dq, stats: LinearStats | None) -> dict:
+    """Output SQNR of round-to-nearest and of the result on the held-out calibration calls, which the rounding never
+    saw (the fitted ``output_sqnr_db`` flatters it). None for both when there are no held-out statistics."""
+    if stats is None or stats.h_holdout is None:
+        return {"output_sqnr_heldout_rtn_db": None, "output_sqnr_heldout_db": None}
+    return {
+        "output_sqnr_heldout_rtn_db": _output_sqnr(w, w_rtn_dq, stats.h_holdout),
+        "output_sqnr_heldout_db": _output_sqnr(w, w_dq, stats.h_holdout),
+    }
 
 
 def _bias_delta(config, stats, w, err, dev, out_device) -> torch.Tensor | None:

@@ -9,10 +9,18 @@ For every ``nn.Linear`` we keep the running second moment ``H = E[x xᵀ]`` (K �
 and the number of input rows. Linears that read the *same tensor* in a forward pass (q/k/v projections) share one
 accumulator — detected by tensor identity — so memory is one K × K matrix per distinct input.
 
+Held-out split: with ``holdout_every=k`` (default 5; 0 disables) the model's forward calls number k, 2k, 3k, …
+(counted from 1) feed a second accumulator ``H_holdout`` instead of ``H``. The rounding fits only ``H``; the held-out
+part only measures it (``output_sqnr_heldout_db`` in the report), because rounding overfits the statistics it was
+fitted to. Cost: one more K × K float32 matrix per distinct input, allocated at the first held-out call, and 1/k of
+the calibration tokens no longer inform the fit.
+
 File format (``.safetensors``): tensors ``<module name>.h`` (K × K float32), ``<module name>.mean`` (K,
-float32), ``<module name>.count`` (int64, shape [1]) for every module that owns statistics; the header metadata
-``lrq_ao_calibration`` holds the format version and ``aliases`` a JSON object mapping each sharing module's name
-to the name of the module whose tensors it uses.
+float32), ``<module name>.count`` (int64, shape [1]) for every module that owns statistics, plus
+``<module name>.h_holdout`` (K × K float32) and ``<module name>.count_holdout`` (int64, [1]) when it has held-out
+statistics (files without them still load, with none); the header metadata ``lrq_ao_calibration`` holds the format
+version, ``aliases`` a JSON object mapping each sharing module's name to the name of the module whose tensors it
+uses, and ``holdout_every``.
 """
 
 from __future__ import annotations
@@ -37,6 +45,9 @@ class LinearStats:
     partially quantized model feeds the layer and, with ``d = x_ref − x`` the drift from the reference,
     ``cross = E[d xᵀ]``, ``drift_h = E[d dᵀ]`` and ``drift_mean = E[d]``; the rounding can then also compensate
     the error of the layers before it (see ``objectives.output_objective``).
+
+    ``h_holdout = E[x xᵀ]`` over the held-out forward calls (``count_holdout`` rows), never used for fitting; None
+    when no held-out call ran.
     """
 
     h: torch.Tensor
@@ -45,6 +56,8 @@ class LinearStats:
     cross: torch.Tensor | None = None
     drift_h: torch.Tensor | None = None
     drift_mean: torch.Tensor | None = None
+    h_holdout: torch.Tensor | None = None
+    count_holdout: int = 0
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None, device) -> torch.Tensor:
@@ -62,6 +75,15 @@ class _Accumulator:
         self.sum_dx = torch.zeros(k, k, dtype=torch.float32, device=device) if paired else None
         self.sum_dd = torch.zeros(k, k, dtype=torch.float32, device=device) if paired else None
         self.sum_d = torch.zeros(k, dtype=torch.float64, device=device) if paired else None
+        self.sum_xx_holdout: torch.Tensor | None = None  # allocated by the first held-out call
+        self.count_holdout = 0
+
+    @torch.no_grad()
+    def add_holdout(self, rows: torch.Tensor) -> None:
+        if self.sum_xx_holdout is None:
+            self.sum_xx_holdout = torch.zeros_like(self.sum_xx)
+        self.sum_xx_holdout.addmm_(rows.T, rows)
+        self.count_holdout += rows.shape[0]
 
     @torch.no_grad()
     def add(self, rows: torch.Tensor, ref_rows: torch.Tensor | None = None) -> None:
@@ -85,13 +107,22 @@ class _Accumulator:
         st = LinearStats(self.sum_xx / n, (self.sum_x / n).float(), self.count)
         if self.sum_dx is not None:
             st.cross, st.drift_h, st.drift_mean = self.sum_dx / n, self.sum_dd / n, (self.sum_d / n).float()
+        if self.count_holdout > 0:
+            st.h_holdout, st.count_holdout = self.sum_xx_holdout / self.count_holdout, self.count_holdout
         return st
 
 
 class Calibration:
     """Statistics of each linear's input, keyed by module name (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, holdout_every: int = 5) -> None:
+        if not isinstance(holdout_every, int) or holdout_every < 0 or holdout_every == 1:
+            raise ValueError(
+                f"holdout_every must be 0 (no held-out split) or an int >= 2 (every k-th forward call is held out), "
+                f"got {holdout_every!r}"
+            )
+        self.holdout_every = holdout_every
+        self._forward_calls = 0
         self._acc: dict[str, _Accumulator] = {}
         self._stats: dict[str, LinearStats] = {}
         self._alias: dict[str, str] = {}
@@ -126,11 +157,19 @@ class Calibration:
             ref_rows = _rows(self._ref_inputs.pop(name), self.token_mask, dev)
         if name not in self._acc:
             self._acc[name] = _Accumulator(x.shape[-1], dev, paired=self.paired)
-        self._acc[name].add(_rows(x, self.token_mask, dev), ref_rows)
+        if self._in_holdout_call():
+            self._acc[name].add_holdout(_rows(x, self.token_mask, dev))
+        else:
+            self._acc[name].add(_rows(x, self.token_mask, dev), ref_rows)
         self._seen[id(x)] = (x, name)
         self._stats.pop(name, None)
 
+    def _in_holdout_call(self) -> bool:
+        k = self.holdout_every
+        return k > 0 and self._forward_calls % k == 0
+
     def _reset_forward(self) -> None:
+        self._forward_calls += 1
         self._seen.clear()
 
     def _end_forward(self) -> None:
@@ -169,10 +208,16 @@ class Calibration:
             tensors[f"{name}.h"] = st.h.float().contiguous().cpu()
             tensors[f"{name}.mean"] = st.mean.float().contiguous().cpu()
             tensors[f"{name}.count"] = torch.tensor([st.count], dtype=torch.int64)
-            for extra in ("cross", "drift_h", "drift_mean"):
+            for extra in ("cross", "drift_h", "drift_mean", "h_holdout"):
                 if getattr(st, extra) is not None:
                     tensors[f"{name}.{extra}"] = getattr(st, extra).float().contiguous().cpu()
-        meta = {"lrq_ao_calibration": FILE_VERSION, "aliases": json.dumps(self._alias, sort_keys=True)}
+            if st.h_holdout is not None:
+                tensors[f"{name}.count_holdout"] = torch.tensor([st.count_holdout], dtype=torch.int64)
+        meta = {
+            "lrq_ao_calibration": FILE_VERSION,
+            "aliases": json.dumps(self._alias, sort_keys=True),
+            "holdout_every": str(self.holdout_every),
+        }
         save_file(tensors, os.fspath(path), metadata=meta)
 
     @classmethod
@@ -195,9 +240,13 @@ class Calibration:
                 out._stats[name] = LinearStats(
                     f.get_tensor(f"{name}.h"), f.get_tensor(f"{name}.mean"), int(f.get_tensor(f"{name}.count")[0])
                 )
-                for extra in ("cross", "drift_h", "drift_mean"):
+                for extra in ("cross", "drift_h", "drift_mean", "h_holdout"):
                     if f"{name}.{extra}" in keys:
                         setattr(out._stats[name], extra, f.get_tensor(f"{name}.{extra}"))
+                if f"{name}.count_holdout" in keys:
+                    out._stats[name].count_holdout = int(f.get_tensor(f"{name}.count_holdout")[0])
+        # Files written before the held-out split existed have no holdout_every: they held nothing out.
+        out.holdout_every = int(meta.get("holdout_every", "0"))
         out._alias = json.loads(meta.get("aliases", "{}"))
         missing = set(out._alias.values()) - set(out._stats)
         if missing:
@@ -212,6 +261,7 @@ def calibrate(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     device: str | torch.device | None = None,
     reference: nn.Module | None = None,
+    holdout_every: int = 5,
 ) -> Iterator[Calibration]:
     """Capture input statistics of every ``nn.Linear`` in ``model`` (those ``filter_fn(module, name)`` accepts)
     while the ``with`` block runs forward passes. ``device`` holds the accumulators (default: the input's).
@@ -220,8 +270,10 @@ def calibrate(
     then through ``model``; the statistics then also describe how far ``model``'s inputs drifted from the
     reference's (``LinearStats.cross``), which lets the rounding compensate earlier layers' error.
     Set ``calib.token_mask`` to the batch's attention mask before its forward passes to skip padding tokens.
+    Every ``holdout_every``-th forward call of ``model`` goes to the held-out statistics only (0: none; see the
+    module docstring). Raises ``ValueError`` if no ``nn.Linear`` passes the filter or ``holdout_every`` is invalid.
     """
-    calib = Calibration()
+    calib = Calibration(holdout_every)
     calib.paired = reference is not None
     dev = torch.device(device) if device is not None else None
     linears = {

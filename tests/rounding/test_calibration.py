@@ -124,3 +124,84 @@ def test_hooks_are_removed_after_the_block():
     with calibrate(model):
         pass
     assert not model.q._forward_pre_hooks and not model._forward_pre_hooks and not model._forward_hooks
+
+
+def _fitting_and_heldout_rows(xs, every: int):
+    """Rows of the forward calls numbered every, 2·every, … (from 1) and of the others, float64."""
+    held = [x.reshape(-1, 8) for i, x in enumerate(xs, start=1) if i % every == 0]
+    fit = [x.reshape(-1, 8) for i, x in enumerate(xs, start=1) if i % every != 0]
+    return torch.cat(fit).double(), torch.cat(held).double()
+
+
+def test_every_kth_forward_call_goes_only_to_the_heldout_accumulator():
+    torch.manual_seed(0)
+    model = Attn()
+    xs = _inputs(2, batches=7)
+    with torch.no_grad(), calibrate(model, holdout_every=3) as calib:
+        for x in xs:
+            model(x)
+    fit, held = _fitting_and_heldout_rows(xs, 3)  # calls 3 and 6 are held out
+    st = calib.stats("q")
+    assert st.count == 50 and st.count_holdout == 20
+    torch.testing.assert_close(st.h.double(), fit.T @ fit / 50, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.mean.double(), fit.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.h_holdout.double(), held.T @ held / 20, rtol=1e-5, atol=1e-6)
+    assert calib.stats("v") is st and calib.stats("o").count_holdout == 20
+
+
+def test_heldout_split_disabled_or_not_reached_leaves_no_heldout_statistics():
+    model = Attn()
+    with torch.no_grad(), calibrate(model, holdout_every=0) as off, calibrate(model, holdout_every=4) as short:
+        for x in _inputs(batches=3):
+            model(x)
+    for calib in (off, short):
+        assert calib.stats("q").h_holdout is None and calib.stats("q").count_holdout == 0
+        assert calib.stats("q").count == 30
+    for bad in (1, -2, 2.5):
+        with pytest.raises(ValueError, match="holdout_every"), calibrate(model, holdout_every=bad):
+            pass
+
+
+def test_heldout_calls_respect_the_token_mask_and_skip_the_paired_statistics():
+    torch.manual_seed(0)
+    reference, model = Attn(), Attn()
+    xs = _inputs(3, batches=4)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    with torch.no_grad(), calibrate(model, reference=reference, holdout_every=2) as calib:
+        for x in xs:
+            calib.token_mask = mask
+            reference(x)
+            model(x)
+    kept = [x[mask.bool()] for x in xs]
+    held = torch.cat([kept[1], kept[3]]).double()
+    st = calib.stats("q")
+    assert st.count == 12 and st.count_holdout == 12
+    torch.testing.assert_close(st.h_holdout.double(), held.T @ held / 12, rtol=1e-5, atol=1e-6)
+    # q reads the model's input itself, which does not drift; the drift sums saw only the fitting calls.
+    assert float(st.drift_h.abs().max()) == 0.0
+
+
+def test_save_load_round_trips_the_heldout_part_and_reads_files_without_it(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = Attn()
+    with torch.no_grad(), calibrate(model, holdout_every=2) as calib:
+        for x in _inputs(batches=5):
+            model(x)
+    path = tmp_path / "stats.safetensors"
+    calib.save(path)
+    loaded = Calibration.load(path)
+    assert loaded.holdout_every == 2
+    for name in ("q", "o"):
+        a, b = calib.stats(name), loaded.stats(name)
+        assert torch.equal(a.h_holdout, b.h_holdout) and a.count_holdout == b.count_holdout == 20
+        assert torch.equal(a.h, b.h) and a.count == b.count == 30
+    # A file as written before the held-out split: no *_holdout tensors, no holdout_every in the header.
+    old = tmp_path / "old.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "holdout_every"}
+        save_file({k: f.get_tensor(k) for k in f.keys() if "holdout" not in k}, str(old), metadata=meta)  # noqa: SIM118
+    from_old = Calibration.load(old)
+    assert from_old.holdout_every == 0 and from_old.stats("q").h_holdout is None
+    assert torch.equal(from_old.stats("q").h, calib.stats("q").h) and from_old.stats("q").count_holdout == 0
