@@ -56,7 +56,8 @@ class LearnedRoundingConfig(AOBaseConfig):
         step, ``num_iter`` iterations), ``ste`` (straight-through), ``sigmoid`` (AdaRound-style annealed),
         ``continuous`` (the reference tool: free offset, re-rounded at the end); ``auto``: ``parallel`` for
         ``svd``, ``greedy`` otherwise.
-      shrinkage: trust in the calibration ``H``'s off-diagonal, ``H ← (1 − α)H + α·diag(H)``; -1 (default) picks
+      shrinkage: trust in the calibration ``H``'s off-diagonal in the refinement objective,
+        ``H ← (1 − α)H + α·diag(H)`` (the GPTQ start uses ``H`` as is); -1 (default) picks
         ``α = K / (K + calibration rows)``.
       objective_damp: ridge ``λ·mean(diag H)·I`` added to the output objective.
       neighbours_only: keep every element on one of the two grid values around ``w / s`` (GPTQ and greedy).
