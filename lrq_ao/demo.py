@@ -4,11 +4,12 @@ For each format the float32 model is copied and quantized with ``lrq_ao.quantize
 worst weight SQNR over the 36 encoder linears, the end-to-end SQNR of the final hidden state on held-out text, the
 worst cosine similarity between float and quantized sentence embeddings (mean-pooled, as all-MiniLM-L6-v2), and
 the bytes of the linear weights (qdata + scales) against float32 and bfloat16. Then one quantized model runs one
-forward under ``torch.compile(fullgraph=True)`` and is checked against its eager output. Last, the packaged
-checkpoint is converted to ComfyUI's stock formats with the converter (``lrq_ao.convert.convert_checkpoint``, the
-same code as ``lrq-convert``), verified, read back into a meta-device model with ``lrq_ao.load_comfy_into`` and run.
+forward under ``torch.compile(fullgraph=True)`` and is checked against its eager output. Then FP8 and INT8 are
+quantized again with calibrated learned rounding and compared with round-to-nearest. Last, the packaged checkpoint
+is converted to ComfyUI's stock formats with the converter (``lrq_ao.convert.convert_checkpoint``, the same code as
+``lrq-convert``), verified, read back into a meta-device model with ``lrq_ao.load_comfy_into`` and run.
 
-    python -m lrq_ao.demo                                # round-to-nearest, all six formats (CPU: ~1 minute)
+    python -m lrq_ao.demo                                # all six formats, then learned rounding (CPU: ~2 min)
     python -m lrq_ao.demo --objective svd --num-iter 100 # learned rounding without calibration data
     python -m lrq_ao.demo --objective output --calibrate # learned rounding on calibration text statistics
 
@@ -127,6 +128,20 @@ class CompiledRun:
         )
 
 
+LEARNED_FORMATS = ("fp8", "int8")
+
+
+def learned_rounding_rows(model: MiniLM, batches: list[Batch], formats, calibration) -> list[str]:
+    """Calibrated learned rounding (the defaults: ``objective="output"``) against round-to-nearest, end to end."""
+    lines = [f"{'format':<12} {'RTN dB':>8} {'learned dB':>11} {'gain dB':>8} {'quantize s':>11}"]
+    for fmt in formats:
+        quantized, seconds = quantize_copy(model, LearnedRoundingConfig(format=fmt, calibration=calibration))
+        learned = evaluate(model, quantized, batches, label=fmt).end_to_end_sqnr
+        rtn = evaluate(model, fake_quantize_rtn(model, fmt), batches).end_to_end_sqnr
+        lines.append(f"{fmt:<12} {rtn:>8.2f} {learned:>11.2f} {learned - rtn:>+8.2f} {seconds:>11.1f}")
+    return lines
+
+
 COMFY_FORMATS = ("float8_e4m3fn", "int8_tensorwise")
 
 
@@ -193,6 +208,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--per-layer", action="store_true", help="also print every format's per-layer table")
     parser.add_argument("--no-comfy", action="store_true", help="skip the ComfyUI conversion round trip")
+    parser.add_argument(
+        "--learned-formats",
+        nargs="*",
+        default=list(LEARNED_FORMATS),
+        choices=list(FORMATS),
+        metavar="FORMAT",
+        help="formats for the calibrated learned-rounding comparison (none: skip it; default: fp8 int8)",
+    )
     args = parser.parse_args(argv)
     if args.objective in ("output", "act_svd") and not args.calibrate:
         parser.error(f"--objective {args.objective} needs calibration statistics: add --calibrate")
@@ -225,6 +248,10 @@ def main(argv: list[str] | None = None) -> list[DemoRow]:
         else:
             quantized, _ = quantize_copy(model, LearnedRoundingConfig(format=args.compile_format, objective="rtn"))
         print(f"\n{args.compile_format}: {compiled_forward(quantized, model, batches[0])}")
+    if args.learned_formats:
+        print("\nLearned rounding calibrated on the calibration split (disjoint from the evaluation split):")
+        calib = calibration if calibration is not None else calibrate_on_text(model)
+        print("\n".join(learned_rounding_rows(model, batches, args.learned_formats, calib)))
     if not args.no_comfy:
         print("\nThe packaged checkpoint through lrq-convert (round-to-nearest), read back by load_comfy_into:")
         print("\n".join(comfy_round_trip(model, batches)))

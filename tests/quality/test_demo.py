@@ -59,7 +59,7 @@ def test_demo_table_matches_the_primitives_reference(capsys):
     from lrq_ao.quality.metrics import evaluate
     from lrq_ao.quality.minilm import load_minilm
 
-    rows = main(["--formats", "int8", "fp8_block", "--no-compile", "--no-comfy"])
+    rows = main(["--formats", "int8", "fp8_block", "--no-compile", "--no-comfy", "--learned-formats"])
     printed = capsys.readouterr().out
     fp = load_minilm()
     batches = evaluation_batches(batch_size=16)
@@ -109,3 +109,23 @@ def test_comfy_round_trip_matches_quantize_in_memory():
     assert (fmt, verify, quantized) == ("int8_tensorwise", "ok", "36")
     reference = evaluate(fp, fake_quantize_rtn(fp, "int8"), batches)
     assert float(e2e) == pytest.approx(reference.end_to_end_sqnr, abs=0.01)
+
+
+def test_learned_rounding_rows_show_a_gain_over_rtn_on_held_out_text():
+    """The demo's learned-rounding table: calibrated on calibration sentences only, measured on evaluation ones;
+    the RTN column must equal an independent fake-quantized RTN model and learned rounding must beat it."""
+    from lrq_ao.demo import learned_rounding_rows
+    from lrq_ao.quality.baseline import fake_quantize_rtn
+    from lrq_ao.quality.metrics import evaluate
+    from lrq_ao.quality.texts import calibrate_on_text, calibration_sentences
+
+    model = one_layer_minilm()
+    batches = evaluation_batches(batch_size=16)[:2]
+    calib = calibrate_on_text(model, calibration_sentences()[:200])
+    lines = learned_rounding_rows(model, batches, ("int8",), calib)
+    fmt, rtn, learned, gain, _ = lines[1].split()
+    assert fmt == "int8"
+    assert float(rtn) == pytest.approx(
+        evaluate(model, fake_quantize_rtn(model, "int8"), batches).end_to_end_sqnr, abs=0.01
+    )
+    assert float(learned) > float(rtn) + 1.0 and float(gain) == pytest.approx(float(learned) - float(rtn), abs=0.02)
