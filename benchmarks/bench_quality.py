@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import time
 
 import torch
@@ -68,6 +69,20 @@ def method_config(method: str, fmt: str, ref_iters: int) -> dict:
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``["shrinkage=0.05", "greedy_passes=1"]`` → typed config overrides (JSON values, else strings)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def forward(model, batch):
     return model(*batch)
 
@@ -76,7 +91,7 @@ def token_mask(batch):
     return batch.attention_mask
 
 
-def quantize_model(model, cfg: LearnedRoundingConfig, calib_batches, sequential: bool):
+def quantize_model(model, cfg: LearnedRoundingConfig, calib_batches, sequential: bool, holdout_every: int = 5):
     """Quantize the encoder linears through the product path (``lrq_ao.quantize_``); returns per-layer reports."""
     only_encoder = lambda m, n: n.startswith("encoder.")  # noqa: E731
     if sequential:
@@ -85,7 +100,7 @@ def quantize_model(model, cfg: LearnedRoundingConfig, calib_batches, sequential:
         ).layers
     calib = None
     if cfg.objective in ("output", "act_svd"):
-        with torch.no_grad(), calibrate(model, filter_fn=only_encoder) as calib:
+        with torch.no_grad(), calibrate(model, filter_fn=only_encoder, holdout_every=holdout_every) as calib:
             for batch in calib_batches:
                 calib.token_mask = token_mask(batch)
                 forward(model, batch)
@@ -99,6 +114,15 @@ def main() -> None:
     ap.add_argument("--ref-iters", type=int, default=100, help="iterations for the reference method (it uses 4000)")
     ap.add_argument("--quick", action="store_true", help="few sentences; a smoke run, not a measurement")
     ap.add_argument("--csv", default=None)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a LearnedRoundingConfig field for every learned method (e.g. shrinkage=0.05, greedy_passes=1)",
+    )
+    ap.add_argument("--show-layer", default=None, help="also print this layer's fitted and held-out output SQNR")
+    ap.add_argument("--holdout-every", type=int, default=5, help="calibrate(holdout_every=...); 0 fits on all calls")
     args = ap.parse_args()
     torch.manual_seed(0)
     calib_batches, eval_batches = calibration_batches(), evaluation_batches()
@@ -110,10 +134,11 @@ def main() -> None:
     for fmt in args.formats.split(","):
         rtn_db = None
         for method in args.methods.split(","):
-            cfg = LearnedRoundingConfig(**method_config(method, fmt, args.ref_iters))
+            overrides = parse_overrides(args.set) if method != "rtn" else {}
+            cfg = LearnedRoundingConfig(**(method_config(method, fmt, args.ref_iters) | overrides))
             model_q = load_minilm()
             t0 = time.perf_counter()
-            reports = quantize_model(model_q, cfg, calib_batches, sequential=method == "ours_seq")
+            reports = quantize_model(model_q, cfg, calib_batches, method == "ours_seq", args.holdout_every)
             seconds = time.perf_counter() - t0
             db = evaluate(model_fp, model_q, eval_batches).end_to_end_sqnr
             rtn_db = db if method == "rtn" else rtn_db
@@ -121,6 +146,10 @@ def main() -> None:
             kept = sum(bool(r["kept_rtn"]) for r in reports) if method != "rtn" else 0
             delta = "" if rtn_db is None else f"{db - rtn_db:+.2f}"
             print(f"{fmt:<11}{method:<11}{db:>12.2f}{delta:>8}{moved:>9.1f}{kept:>9}{seconds:>9.1f}", flush=True)
+            for r in reports:
+                if r["name"] == args.show_layer:
+                    keys = ("output_sqnr_db", "output_sqnr_heldout_rtn_db", "output_sqnr_heldout_db")
+                    print("    " + ", ".join(f"{k}={r.get(k)}" for k in keys), flush=True)
             rows.append(
                 {
                     "format": fmt,
