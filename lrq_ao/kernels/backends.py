@@ -29,7 +29,12 @@ import torch
 
 from lrq_ao.kernels._runtime import fp8_compute_refusal, triton_refusal
 from lrq_ao.layouts.activation import KernelChoice
-from lrq_ao.layouts.linear import LinearBackend, register_linear_backend
+from lrq_ao.layouts.linear import (
+    LinearBackend,
+    is_per_tensor_or_row,
+    register_linear_backend,
+    scaled_mm_operand_refusal,
+)
 from lrq_ao.primitives import FP8_DTYPE
 
 BLOCKS = (32, 64, 128, 256)
@@ -63,25 +68,13 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def _per_tensor_or_row(weight) -> bool:
-    n, k = weight.shape
-    return tuple(weight.block_size) in ((n, k), (1, k))
-
-
 # ---- FP8 dynamic: Triton activation quantization + cuBLAS ---------------------------------------------------
 
 
 def _fp8_scaled_mm_refusal(x, weight, bias):
-    if weight.qdtype != FP8_DTYPE or not weight.act.is_dynamic:
-        return "only for FP8 weights with dynamic activation quantization"
-    if weight.act.granularity not in ("tensor", "row") or not _per_tensor_or_row(weight):
-        return "takes per-tensor or per-row scales, not block-wise ones"
-    n, k = weight.shape
-    if n % 16 or k % 16:
-        return f"torch._scaled_mm needs N and K divisible by 16, got N={n}, K={k}"
-    rowwise = weight.act.granularity == "row" or weight.block_size[0] == 1
-    if rowwise and x.dtype != torch.bfloat16:
-        return f"row-wise torch._scaled_mm produces bfloat16 only, input is {x.dtype}"
+    refusal = scaled_mm_operand_refusal(x, weight)
+    if refusal is not None:
+        return refusal
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"activations must be bfloat16 or float16, got {x.dtype}"
     return _accept(_device_refusal(x, weight))
@@ -98,7 +91,7 @@ def _run_fp8_scaled_mm(x, weight, bias):
 def _w8a8_row_refusal(x, weight, bias):
     if not weight.act.is_dynamic:
         return "only for dynamic activation quantization"
-    if weight.act.granularity not in ("row", "tensor") or not _per_tensor_or_row(weight):
+    if weight.act.granularity not in ("row", "tensor") or not is_per_tensor_or_row(weight):
         return "takes per-token / per-tensor activations with a per-row or per-tensor weight"
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"activations must be floating point, got {x.dtype}"
@@ -143,7 +136,7 @@ def _weight_only_refusal(x, weight, bias):
         return f"the tensor-core kernel takes bfloat16 / float16 activations, got {x.dtype}"
     n, k = weight.shape
     bn, bk = weight.block_size
-    if not _per_tensor_or_row(weight) and not (bn == bk and bn >= 16):
+    if not is_per_tensor_or_row(weight) and not (bn == bk and bn >= 16):
         return f"needs a per-tensor, per-row or square (>= 16) block layout, got {weight.block_size}"
     return _accept(_device_refusal(x, weight))
 

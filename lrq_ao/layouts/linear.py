@@ -169,14 +169,21 @@ def _cuda_capability_refusal(x: torch.Tensor, minimum: tuple[int, int], what: st
     return None
 
 
-def _one_scale_along_k(weight: QuantizedWeightTensor) -> bool:
-    return weight.block_size[1] == weight.shape[1]
+def is_per_tensor_or_row(weight: QuantizedWeightTensor) -> bool:
+    """Per-tensor or per-row: the only weight scales ``torch._scaled_mm`` / ``torch._int_mm`` epilogues take (a
+    ``(b, K)`` block grid with ``b < N`` also has one scale along K but is neither)."""
+    n, k = weight.shape
+    return tuple(weight.block_size) in ((n, k), (1, k))
 
 
-def _scaled_mm_refusal(x, weight, bias):
+def scaled_mm_operand_refusal(x, weight) -> str | None:
+    """Why ``torch._scaled_mm`` cannot take this FP8 weight and input (None: it can), device aside.
+
+    Shared by every backend that ends in ``torch._scaled_mm`` (the TORCH one here, the Triton-quantized one in
+    ``lrq_ao.kernels.backends``), so its constraints are stated once."""
     if weight.qdtype != FP8_DTYPE or not weight.act.is_dynamic:
         return "only for FP8 weights with dynamic activation quantization"
-    if weight.act.granularity not in ("tensor", "row") or not _one_scale_along_k(weight):
+    if weight.act.granularity not in ("tensor", "row") or not is_per_tensor_or_row(weight):
         return "torch._scaled_mm here takes per-tensor or per-row scales, not block-wise ones"
     n, k = weight.shape
     if k % 16 or n % 16:
@@ -184,7 +191,11 @@ def _scaled_mm_refusal(x, weight, bias):
     rowwise = weight.act.granularity == "row" or weight.block_size[0] == 1
     if rowwise and x.dtype != torch.bfloat16:
         return f"row-wise torch._scaled_mm produces bfloat16 only, input is {x.dtype}"
-    return _cuda_capability_refusal(x, (8, 9), "torch._scaled_mm")
+    return None
+
+
+def _scaled_mm_refusal(x, weight, bias):
+    return scaled_mm_operand_refusal(x, weight) or _cuda_capability_refusal(x, (8, 9), "torch._scaled_mm")
 
 
 def _run_scaled_mm(x, weight, bias):
@@ -208,7 +219,7 @@ _INT_MM_ROW_PAD = 16
 def _int_mm_refusal(x, weight, bias):
     if weight.qdtype != torch.int8 or not weight.act.is_dynamic:
         return "only for INT8 weights with dynamic activation quantization"
-    if weight.act.granularity != "row" or not _one_scale_along_k(weight):
+    if weight.act.granularity != "row" or not is_per_tensor_or_row(weight):
         return "torch._int_mm here needs per-token activations and a per-row or per-tensor weight"
     n, k = weight.shape
     if k % 8 or n % 8:
