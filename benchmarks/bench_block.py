@@ -72,16 +72,16 @@ def init_weights(model: nn.Module) -> None:
         block.modulation.weight.data.mul_(0.1)
 
 
-def lrq_variant(model: nn.Module, fmt: str, activation: str = "dynamic") -> tuple[nn.Module, str]:
+def lrq_variant(model: nn.Module, fmt: str, kernel: str = "auto") -> tuple[nn.Module, str]:
     import lrq_ao
     from lrq_ao import LearnedRoundingConfig
 
     quantized = copy.deepcopy(model)
-    config = LearnedRoundingConfig(format=fmt, activation=activation, objective="rtn")
+    config = LearnedRoundingConfig(format=fmt, activation="dynamic", objective="rtn", kernel=kernel)
     report = lrq_ao.quantize_(quantized, config)
     if report.skipped:
         raise RuntimeError(f"lrq_ao {fmt}: layers left unquantized: {report.skipped}")
-    return quantized, f"lrq_ao.quantize_(format={fmt!r}, activation={activation!r})"
+    return quantized, f"lrq_ao.quantize_(format={fmt!r}, activation='dynamic', kernel={kernel!r})"
 
 
 def torchao_variant(model: nn.Module, granularity: str) -> tuple[nn.Module, str]:
@@ -96,6 +96,8 @@ def torchao_variant(model: nn.Module, granularity: str) -> tuple[nn.Module, str]
 VARIANTS = {
     "lrq_fp8": lambda m: lrq_variant(m, "fp8"),
     "lrq_fp8_row": lambda m: lrq_variant(m, "fp8_row"),
+    "lrq_fp8_torch": lambda m: lrq_variant(m, "fp8", "torch"),
+    "lrq_fp8_row_torch": lambda m: lrq_variant(m, "fp8_row", "torch"),
     "lrq_int8": lambda m: lrq_variant(m, "int8"),
     "lrq_int8_block": lambda m: lrq_variant(m, "int8_block"),
     "ao_fp8_row": lambda m: torchao_variant(m, "row"),
