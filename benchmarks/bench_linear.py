@@ -20,16 +20,26 @@ time per call), so the table compares kernels; see RESULTS.md for what that over
 Columns: median us per call, ratio to the best bf16, TFLOP/s, for M <= 16 achieved GB/s (weight + scales + x + y)
 against the measured copy bandwidth, and the output SQNR (dB) of each method against the float64 product of the
 unquantized bf16 layer (at M = 256).
+
+``--jobs N`` runs the shapes in N worker processes so their compilation and autotuning overlap (most of the run's
+wall time). The GPU is shared through a reader-writer file lock: building, compiling and warming up hold it shared,
+timing holds it exclusively (and synchronizes first), so no other process has work on the GPU while a method is
+timed. Each worker's table is printed in shape order at the end, and the CSVs are merged.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
+import fcntl
 import math
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -55,6 +65,32 @@ LRQ_METHODS = {
 }
 L2_BYTES = 50 * 2**20
 SLOW_CALL_S = 0.05  # a peer slower than this per call is timed with a few plain calls instead of graphs
+
+
+class GpuLock:
+    """Reader-writer lock over a file: many processes may compile (shared), one may time (exclusive)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.file = open(path, "a+") if path else None  # noqa: SIM115 - held for the process's life
+
+    @contextlib.contextmanager
+    def _held(self, mode: int):
+        if self.file is None:
+            yield
+            return
+        fcntl.flock(self.file, mode)
+        try:
+            torch.cuda.synchronize()  # our work only starts once we hold the lock ...
+            yield
+            torch.cuda.synchronize()  # ... and is finished before we let go
+        finally:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+
+    def shared(self):
+        return self._held(fcntl.LOCK_SH)
+
+    def exclusive(self):
+        return self._held(fcntl.LOCK_EX)
 
 
 def compiled(module: torch.nn.Module):
@@ -211,44 +247,44 @@ def bench(calls: list, x: torch.Tensor, slow: bool) -> tuple[float, float, float
     return tuple(t * 1e3 / len(calls) for t in (p20, p50, p80))
 
 
-def run_shape(k: int, n: int, batches: list[int], copy_gbs: float, only: list[str] | None, writer, rows) -> None:
+def run_shape(
+    k: int, n: int, batches: list[int], copy_gbs: float, only: list[str] | None, writer, rows, lock: GpuLock
+) -> None:
     torch.manual_seed(0)
-    linear = torch.nn.Linear(k, n, bias=True, device="cuda", dtype=torch.bfloat16)
-    torch.nn.init.normal_(linear.weight, std=k**-0.5)
-    torch.nn.init.normal_(linear.bias, std=0.1)
-    probe = torch.randn(SQNR_M, k, device="cuda", dtype=torch.bfloat16)
-    methods = bf16_methods(linear)
-    methods.update(torchao_methods(linear, only))
-    methods.update(lrq_methods(linear, probe, only))
-    ref = probe.double() @ linear.weight.detach().double().t() + linear.bias.detach().double()
+    with lock.shared():
+        linear = torch.nn.Linear(k, n, bias=True, device="cuda", dtype=torch.bfloat16)
+        torch.nn.init.normal_(linear.weight, std=k**-0.5)
+        torch.nn.init.normal_(linear.bias, std=0.1)
+        probe = torch.randn(SQNR_M, k, device="cuda", dtype=torch.bfloat16)
+        methods = bf16_methods(linear)
+        methods.update(torchao_methods(linear, only))
+        methods.update(lrq_methods(linear, probe, only))
+        ref = probe.double() @ linear.weight.detach().double().t() + linear.bias.detach().double()
     quality = {}
     with torch.inference_mode():
-        for name, (calls, _, _) in methods.items():
-            quality[name] = sqnr(ref, calls[0](probe))
+        with lock.shared():
+            for name, (calls, _, _) in methods.items():
+                quality[name] = sqnr(ref, calls[0](probe))
         for m in batches:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            timed = dict(methods)
-            timed.update(ceiling_methods(linear, x) if not only or "ceilings" in only else {})
+            with lock.shared():
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                timed = dict(methods)
+                timed.update(ceiling_methods(linear, x) if not only or "ceilings" in only else {})
+                ready, setup = warm_up(timed, x, m)
             results = {}
-            for name, (calls, weight, backend) in timed.items():
-                try:
-                    t0 = time.perf_counter()
-                    for call in calls:
-                        call(x)  # compile / autotune outside the timing
-                    torch.cuda.synchronize()
-                    setup_s = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    calls[0](x)
-                    torch.cuda.synchronize()
-                    slow = time.perf_counter() - t0 > SLOW_CALL_S
-                    results[name] = (
-                        *bench(calls, x, slow),
-                        weight,
-                        backend + (" (plain timing)" if slow else ""),
-                        setup_s,
-                    )
-                except Exception as error:  # a peer that cannot run this M is a result, not a crash
-                    print(f"  {name}: FAILED at M={m}: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+            with lock.exclusive():
+                for name in ready:
+                    calls, weight, backend = timed[name]
+                    try:
+                        t0 = time.perf_counter()
+                        calls[0](x)
+                        torch.cuda.synchronize()
+                        slow = time.perf_counter() - t0 > SLOW_CALL_S
+                        times = bench(calls, x, slow)
+                    except Exception as error:  # e.g. a path that cannot be captured in a CUDA graph
+                        print(f"  {name}: FAILED timing M={m}: {type(error).__name__}: {str(error)[:160]}")
+                        continue
+                    results[name] = (*times, weight, backend + (" (plain timing)" if slow else ""), setup[name])
             best_bf16 = min(results["bf16_eager"][1], results["bf16_compiled"][1])
             for name, (p20, p50, p80, weight, backend, setup_s) in results.items():
                 flops = 2 * m * n * k
@@ -277,6 +313,22 @@ def run_shape(k: int, n: int, batches: list[int], copy_gbs: float, only: list[st
             sys.stdout.flush()
 
 
+def warm_up(timed: dict, x: torch.Tensor, m: int) -> tuple[list[str], dict[str, float]]:
+    """Compile / autotune every method for this input outside the timing; a peer that cannot run is a result."""
+    ready, setup = [], {}
+    for name, (calls, _, _) in timed.items():
+        try:
+            t0 = time.perf_counter()
+            for call in calls:
+                call(x)
+            torch.cuda.synchronize()
+            setup[name] = time.perf_counter() - t0
+            ready.append(name)
+        except Exception as error:
+            print(f"  {name}: FAILED at M={m}: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+    return ready, setup
+
+
 def print_block(k: int, n: int, m: int, rows: list[dict]) -> None:
     print(f"\n{k}->{n}  M={m}")
     for r in rows:
@@ -293,27 +345,69 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
     parser.add_argument("--only", nargs="+", help="method names to keep, 'ceilings' for both (bf16 always kept)")
     parser.add_argument("--csv", default="bench_linear.csv")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (shapes compile in parallel)")
+    parser.add_argument("--lock", help=argparse.SUPPRESS)  # set by the parent for its workers
+    parser.add_argument("--copy-gbs", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_linear.py needs a CUDA GPU")
     import torchao
 
-    print(
-        f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-        f"torchao {torchao.__version__} | python {platform.python_version()}"
-    )
-    copy_gbs = copy_bandwidth_gbs()
-    print(f"copy bandwidth (read + write): {copy_gbs:.0f} GB/s")
+    shapes = [s for name in args.shapes for s in (SHAPE_SETS.get(name) or [tuple(int(v) for v in name.split("x"))])]
+    if args.lock is None:
+        print(
+            f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+            f"torchao {torchao.__version__} | python {platform.python_version()}"
+        )
+    copy_gbs = args.copy_gbs or copy_bandwidth_gbs()
+    if args.lock is None:
+        print(f"copy bandwidth (read + write): {copy_gbs:.0f} GB/s")
+    if args.jobs > 1 and len(shapes) > 1:
+        run_in_workers(args, shapes, copy_gbs)
+        return
+    lock = GpuLock(args.lock)
     rows: list[dict] = []
     with open(args.csv, "w", newline="") as f:
-        writer = None
-        for shape_set in args.shapes:
-            shapes = SHAPE_SETS.get(shape_set) or [tuple(int(v) for v in shape_set.split("x"))]
-            for k, n in shapes:
-                if writer is None:
-                    writer = _LazyWriter(f)
-                run_shape(k, n, args.batches, copy_gbs, args.only, writer, rows)
-                torch._dynamo.reset()
+        writer = _LazyWriter(f)
+        for k, n in shapes:
+            run_shape(k, n, args.batches, copy_gbs, args.only, writer, rows, lock)
+            torch._dynamo.reset()
+
+
+def run_in_workers(args, shapes: list[tuple[int, int]], copy_gbs: float) -> None:
+    """One worker process per group of shapes; their tables are printed and their CSVs merged in shape order."""
+    groups = [shapes[i :: args.jobs] for i in range(min(args.jobs, len(shapes)))]
+    with tempfile.TemporaryDirectory() as tmp:
+        lock = os.path.join(tmp, "gpu.lock")
+        env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "2"))
+        workers = []
+        for i, group in enumerate(groups):
+            out = os.path.join(tmp, f"w{i}")
+            cmd = [sys.executable, os.path.abspath(__file__), "--shapes", *[f"{k}x{n}" for k, n in group]]
+            cmd += ["--batches", *map(str, args.batches), "--csv", out + ".csv", "--lock", lock]
+            cmd += ["--copy-gbs", str(copy_gbs)] + (["--only", *args.only] if args.only else [])
+            log = open(out + ".log", "w")  # noqa: SIM115 - closed after the worker exits
+            workers.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, out))
+        failed = 0
+        for proc, log, _ in workers:
+            failed += proc.wait() != 0
+            log.close()
+        merged = []
+        for _, _, out in workers:
+            with open(out + ".log") as f:
+                print(f.read(), end="")
+            if os.path.exists(out + ".csv") and os.path.getsize(out + ".csv"):
+                with open(out + ".csv", newline="") as f:
+                    merged.extend(csv.DictReader(f))
+        order = {shape: i for i, shape in enumerate(shapes)}
+        merged.sort(key=lambda r: (order[(int(r["K"]), int(r["N"]))], int(r["M"])))
+        if merged:
+            with open(args.csv, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(merged[0]))
+                writer.writeheader()
+                writer.writerows(merged)
+        if failed:
+            raise SystemExit(f"{failed} worker(s) failed: see their output above")
 
 
 class _LazyWriter:
