@@ -96,7 +96,13 @@ def quantize_model(model, cfg: LearnedRoundingConfig, calib_batches, sequential:
     only_encoder = lambda m, n: n.startswith("encoder.")  # noqa: E731
     if sequential:
         return quantize_sequential(
-            model, cfg, calib_batches, forward=forward, token_mask=token_mask, filter_fn=only_encoder
+            model,
+            cfg,
+            calib_batches,
+            forward=forward,
+            token_mask=token_mask,
+            filter_fn=only_encoder,
+            holdout_every=holdout_every,
         ).layers
     calib = None
     if cfg.objective in ("output", "act_svd"):

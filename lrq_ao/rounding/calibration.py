@@ -179,6 +179,29 @@ class Calibration:
     def _observe_reference(self, name: str, x: torch.Tensor) -> None:
         self._ref_inputs[name] = x.detach()
 
+    def record_call(
+        self,
+        inputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+        token_mask: torch.Tensor | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        """Account one forward call in which the linear ``name`` read ``x`` (and, when paired, its reference read
+        ``x_ref``), for every ``name: (x, x_ref)`` of ``inputs``: what the ``calibrate`` hooks do for one call of
+        ``reference`` then ``model``, for callers that hold the inputs themselves (``quantize_sequential``)."""
+        self._reset_forward()
+        self.token_mask = token_mask
+        for name, (x, x_ref) in inputs.items():
+            if x_ref is not None:
+                self._observe_reference(name, x_ref)
+            self._observe(name, x, device)
+        self._end_forward()
+
+    def share(self, name: str, owner: str) -> None:
+        """Let the linear ``name`` use ``owner``'s statistics (it reads the same tensor); no-op if ``owner`` has no
+        statistics."""
+        if owner in self._acc or owner in self._stats:
+            self._alias[name] = owner
+
     # -- access --------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
         return sorted(set(self._acc) | set(self._stats) | set(self._alias))

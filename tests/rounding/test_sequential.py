@@ -1,6 +1,10 @@
 """quantize_sequential: stages found by shared inputs, every linear quantized with drift-aware statistics, and the
-end-to-end error on held-out inputs no worse than plain calibrated rounding by a wide margin."""
+end-to-end error on held-out inputs no worse than plain calibrated rounding by a wide margin; the cached path (each
+batch run once, paused at every stage) gives exactly the rounding of the path that re-runs the model per stage."""
 
+import threading
+
+import pytest
 import torch
 from torch import nn
 
@@ -61,3 +65,73 @@ def test_plain_calibration_path_matches_the_contract():
     report = quantize_(model, LearnedRoundingConfig(format="fp8", calibration=calib))
     assert {layer["objective"] for layer in report.layers} == {"output"}
     assert all(layer["objective_final"] <= layer["objective_rtn"] for layer in report.layers)
+
+
+def _quantized_block(cache_inputs: bool, holdout_every: int = 3, fmt: str = "fp8") -> tuple[Block, list[dict]]:
+    torch.manual_seed(0)
+    model = Block().eval()
+    cfg = LearnedRoundingConfig(format=fmt, objective="output")
+    report = quantize_sequential(model, cfg, _data(4, n=7), cache_inputs=cache_inputs, holdout_every=holdout_every)
+    return model, report.layers
+
+
+def _dequantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.weight.dequantize(torch.float32) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_cached_stage_inputs_give_the_rounding_of_rerunning_the_prefix(fmt):
+    # Same tensors, accumulated in the same order: the rounding must be identical, not merely close.
+    cached, cached_layers = _quantized_block(cache_inputs=True, fmt=fmt)
+    replayed, replayed_layers = _quantized_block(cache_inputs=False, fmt=fmt)
+    for name, w in _dequantized_weights(replayed).items():
+        assert torch.equal(_dequantized_weights(cached)[name], w), name
+    for a, b in zip(cached_layers, replayed_layers, strict=True):
+        assert (a["name"], a["objective_final"], a["output_sqnr_heldout_db"]) == (
+            b["name"],
+            b["objective_final"],
+            b["output_sqnr_heldout_db"],
+        )
+    assert all(layer["output_sqnr_heldout_db"] is not None for layer in cached_layers)  # the held-out split ran
+
+
+def test_cached_path_is_deterministic_and_leaves_no_thread_behind():
+    threads_before = threading.active_count()
+    first, _ = _quantized_block(cache_inputs=True)
+    second, _ = _quantized_block(cache_inputs=True)
+    for name, w in _dequantized_weights(first).items():
+        assert torch.equal(_dequantized_weights(second)[name], w), name
+    assert threading.active_count() == threads_before
+
+
+class Twice(nn.Module):
+    """One linear applied twice per forward pass: its input cannot be paired with the float model's once."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.inner, self.head = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.head(self.inner(torch.relu(self.inner(x))))
+
+
+def test_a_linear_run_twice_is_refused_with_the_way_out():
+    cfg = LearnedRoundingConfig(format="int8", objective="output")
+    with pytest.raises(ValueError, match="inner.*twice.*lrq_ao.calibrate"):
+        quantize_sequential(Twice().eval(), cfg, _data(5, n=2))
+
+
+def test_a_failing_forward_pass_is_reported_and_stops_every_paused_pass():
+    threads_before = threading.active_count()
+    batches = [(x, False) for (x,) in _data(6, n=3)] + [(None, True)]
+
+    def forward(model, batch):
+        x, fail = batch
+        if fail:
+            raise KeyError("no input in this batch")
+        return model(x)
+
+    cfg = LearnedRoundingConfig(format="int8", objective="output")
+    with pytest.raises(RuntimeError, match="forward pass failed.*no input in this batch"):
+        quantize_sequential(Block().eval(), cfg, batches, forward=forward)
+    assert threading.active_count() == threads_before
