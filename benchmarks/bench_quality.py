@@ -12,7 +12,8 @@ against float32 on the held-out evaluation sentences (calibration sentences are 
   ours         GPTQ start + exact greedy coordinate refinement of tr(E H Eᵀ), H shrunk towards its diagonal
                by K / (K + calibration tokens)
   ours_seq     ``ours`` run stage by stage (q/k/v, attention output, intermediate, output of each layer) on the
-               partially quantized model's inputs, against the float model's outputs (drift-aware objective)
+               partially quantized model's inputs, against the float model's outputs (drift-aware objective);
+               each calibration batch runs once (``--sequential-replay``: re-run the model for every stage)
 
 Quantization goes through the product path, ``lrq_ao.quantize_`` (weight-only, float32 activations on CPU), so
 the numbers isolate rounding.
@@ -91,7 +92,14 @@ def token_mask(batch):
     return batch.attention_mask
 
 
-def quantize_model(model, cfg: LearnedRoundingConfig, calib_batches, sequential: bool, holdout_every: int = 5):
+def quantize_model(
+    model,
+    cfg: LearnedRoundingConfig,
+    calib_batches,
+    sequential: bool,
+    holdout_every: int = 5,
+    sequential_replay: bool = False,
+):
     """Quantize the encoder linears through the product path (``lrq_ao.quantize_``); returns per-layer reports."""
     only_encoder = lambda m, n: n.startswith("encoder.")  # noqa: E731
     if sequential:
@@ -103,6 +111,7 @@ def quantize_model(model, cfg: LearnedRoundingConfig, calib_batches, sequential:
             token_mask=token_mask,
             filter_fn=only_encoder,
             holdout_every=holdout_every,
+            cache_inputs=not sequential_replay,
         ).layers
     calib = None
     if cfg.objective in ("output", "act_svd"):
@@ -129,6 +138,11 @@ def main() -> None:
     )
     ap.add_argument("--show-layer", default=None, help="also print this layer's fitted and held-out output SQNR")
     ap.add_argument("--holdout-every", type=int, default=5, help="calibrate(holdout_every=...); 0 fits on all calls")
+    ap.add_argument(
+        "--sequential-replay",
+        action="store_true",
+        help="ours_seq re-runs the model for every stage (cache_inputs=False) instead of running each batch once",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     calib_batches, eval_batches = calibration_batches(), evaluation_batches()
@@ -144,7 +158,9 @@ def main() -> None:
             cfg = LearnedRoundingConfig(**(method_config(method, fmt, args.ref_iters) | overrides))
             model_q = load_minilm()
             t0 = time.perf_counter()
-            reports = quantize_model(model_q, cfg, calib_batches, method == "ours_seq", args.holdout_every)
+            reports = quantize_model(
+                model_q, cfg, calib_batches, method == "ours_seq", args.holdout_every, args.sequential_replay
+            )
             seconds = time.perf_counter() - t0
             db = evaluate(model_fp, model_q, eval_batches).end_to_end_sqnr
             rtn_db = db if method == "rtn" else rtn_db
