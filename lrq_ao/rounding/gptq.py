@@ -15,6 +15,12 @@ import torch
 from lrq_ao.rounding.grid import Grid
 
 
+def use_sweep_kernel(kernel: bool | None, device: torch.device) -> bool:
+    """Whether the column sweeps run as Triton launches: asked for explicitly, or by default on CUDA (the PyTorch
+    loop is launch-bound there: ~10 small kernels per column)."""
+    return device.type == "cuda" if kernel is None else kernel
+
+
 def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + λ·mean(diag H)·I)⁻¹``, raising the damping until it factors."""
     k = h.shape[0]
@@ -41,11 +47,13 @@ def gptq_indices(
     act_order: bool = True,
     block: int = 128,
     neighbours_only: bool = False,
+    kernel: bool | None = None,
 ) -> torch.Tensor:
     """Grid indices (N, K) chosen by GPTQ error feedback. ``scale_full`` is the (N, K) expanded scale.
 
     With ``neighbours_only`` every element stays on one of the two grid values around its original ``w / s``
-    (the error-fed value is clamped into that interval before rounding)."""
+    (the error-fed value is clamped into that interval before rounding). ``kernel``: run each block of columns
+    as one Triton launch (``lrq_ao.kernels.rounding_sweep``) instead of the PyTorch loop; ``None`` means on CUDA."""
     w = w.float().clone()
     s = scale_full.float()
     h = h.float().clone()
@@ -59,6 +67,18 @@ def gptq_indices(
     hinv = _inverse_cholesky_upper(h, damp)
 
     idx = torch.empty(w.shape, dtype=torch.long, device=w.device)
+    if use_sweep_kernel(kernel, w.device):
+        from lrq_ao.kernels.rounding_sweep import gptq_block
+
+        w, s, hinv = w.contiguous(), s.contiguous(), hinv.contiguous()
+        bounds = (lo_all.contiguous(), hi_all.contiguous()) if neighbours_only else None
+        for b0 in range(0, k, block):
+            b1 = min(b0 + block, k)
+            err_blk = gptq_block(w, s, hinv, grid.values, idx, b0, b1, bounds)
+            w[:, b1:] -= err_blk @ hinv[b0:b1, b1:]
+        out = torch.empty_like(idx)
+        out[:, perm] = idx
+        return out
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         w_blk = w[:, b0:b1].clone()

@@ -14,8 +14,11 @@ block only; the rest of ``G`` gets one matrix product per block.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from lrq_ao.rounding.gptq import use_sweep_kernel
 from lrq_ao.rounding.grid import Grid
 from lrq_ao.rounding.objectives import Objective
 
@@ -54,11 +57,14 @@ def greedy_refine(
     passes: int = 2,
     block: int = 128,
     neighbours_only: bool = False,
+    kernel: bool | None = None,
 ) -> torch.Tensor:
     """Coordinate-descent refinement of grid indices ``idx`` (N, K) under ``obj``; returns new indices.
 
     With ``neighbours_only`` every element stays within the two grid values around its original ``w / s``
-    (``idx`` must start there)."""
+    (``idx`` must start there). ``kernel``: sweep each block of columns in one Triton launch
+    (``lrq_ao.kernels.rounding_sweep``; only for objectives with independent rows, ``P = I``); ``None`` means on
+    CUDA when the objective allows it."""
     idx = idx.clone()
     w = w.float()
     s_full = scale_full.float()
@@ -68,6 +74,12 @@ def greedy_refine(
     k = w.shape[1]
     lo_all = grid.floor_index(w / s_full) if neighbours_only else None
     hi_all = (lo_all + 1).clamp(max=grid.last) if neighbours_only else None
+    if obj.left is None and use_sweep_kernel(kernel, w.device):
+        return _greedy_with_kernel(
+            idx, g, s_full, m, grid, passes, block, (lo_all, hi_all) if neighbours_only else None
+        )
+    if kernel and obj.left is not None:
+        raise ValueError(f"greedy_refine(kernel=True) needs an objective with independent rows, not {obj.name!r}")
     p_diag = obj.p_diag if obj.p_diag is not None else torch.ones(w.shape[0], device=w.device)
     for _ in range(passes):
         for b0 in range(0, k, block):
@@ -90,6 +102,25 @@ def greedy_refine(
                 g[:, b0:b1] += 2.0 * pd[:, None] * m[j, b0:b1][None, :]
             g_blk = g[:, b0:b1].clone()
             g += 2.0 * obj.apply_p(delta) @ m[b0:b1, :]
+            g[:, b0:b1] = g_blk
+    return idx
+
+
+def _greedy_with_kernel(idx, g, s_full, m, grid, passes, block, bounds):
+    """``greedy_refine``'s loop with each block's column sweep in one launch; the update of the other columns is
+    the same matrix product as in the PyTorch loop."""
+    from lrq_ao.kernels.rounding_sweep import greedy_block
+
+    idx, g, s_full, m = idx.contiguous(), g.contiguous(), s_full.contiguous(), m.contiguous()
+    if bounds is not None:
+        bounds = (bounds[0].contiguous(), bounds[1].contiguous())
+    k = g.shape[1]
+    for _ in range(passes):
+        for b0 in range(0, k, block):
+            b1 = min(b0 + block, k)
+            delta = greedy_block(idx, g, s_full, m, grid.values, b0, b1, bounds)
+            g_blk = g[:, b0:b1].clone()
+            g += 2.0 * delta @ m[b0:b1, :]
             g[:, b0:b1] = g_blk
     return idx
 
@@ -119,6 +150,7 @@ def parallel_refine(
     iterations: int = 40,
     check_every: int = 10,
     c0: float = 1.0,
+    kernel: bool | None = None,
 ) -> torch.Tensor:
     """All elements move at once: each picks its best step under the separable model ``d·G + c·diag·d²`` and the
     whole move is kept only if the exact objective drops; ``c`` shrinks by 0.7 after a kept move and doubles after a
@@ -127,24 +159,65 @@ def parallel_refine(
     a few elements move, which a coarser factor jumps over on INT8 grids). Monotone, a few matrix products per
     iteration, and no host sync except every ``check_every`` iterations to stop early — the GPU-friendly
     alternative to ``greedy_refine``.
+
+    On CUDA (or with ``kernel=True``) the proposal is one fused pass (``rounding_sweep.parallel_step``). With a
+    factored objective (``‖Lᵀ E R‖``) the accept test and the gradient share ``Z = Lᵀ E R``, so the gradient
+    ``2 L Z Rᵀ`` costs two thin products instead of ``E @ M`` with the K × K ``M``; on CUDA those two products run
+    in TF32: the gradient only proposes moves, the accept test stays float32.
     """
     w = w.float()
+    fused = use_sweep_kernel(kernel, w.device)
     e = grid.values[idx] * scale_full - w
-    quad = obj.loss(e).square()
-    g = obj.grad_quad(e)
+    factored = obj.right is not None and obj.linear is None
+    z = _projection(obj, e) if factored else None
+    quad = z.square().sum() if factored else obj.loss(e).square()
+    g = _grad_from_projection(obj, z) if factored else obj.grad_quad(e)
     p_diag = obj.p_diag if obj.p_diag is not None else torch.ones(w.shape[0], device=w.device)
-    diag = p_diag[:, None] * obj.m_diag[None, :]
+    diag = None if fused else p_diag[:, None] * obj.m_diag[None, :]
+    if fused:
+        from lrq_ao.kernels.rounding_sweep import parallel_step
+
+        idx, scale_full, p_diag = idx.to(torch.int32).contiguous(), scale_full.contiguous(), p_diag.contiguous()
+        m_diag = obj.m_diag.contiguous()
     c = torch.full((), c0, device=w.device)
     for it in range(iterations):
-        new_idx, d = _steps_all(idx, g, scale_full, c * diag, grid)
-        e_new = e + d
-        quad_new = obj.loss(e_new).square()
+        if fused:
+            new_idx, e_new = parallel_step(idx, g, scale_full, e, p_diag, m_diag, c, grid.values)
+        else:
+            new_idx, d = _steps_all(idx, g, scale_full, c * diag, grid)
+            e_new = e + d
+        z_new = _projection(obj, e_new) if factored else None
+        quad_new = z_new.square().sum() if factored else obj.loss(e_new).square()
         accept = quad_new < quad
         idx = torch.where(accept, new_idx, idx)
         e = torch.where(accept, e_new, e)
-        g = torch.where(accept, obj.grad_quad(e), g)
+        g_new = _grad_from_projection(obj, z_new) if factored else obj.grad_quad(e)
+        g = torch.where(accept, g_new, g)
         quad = torch.where(accept, quad_new, quad)
         c = torch.where(accept, c * 0.7, c * 2.0).clamp(1e-3, 1e6)
         if (it + 1) % check_every == 0 and bool(c >= 1e6):
             break
-    return idx
+    return idx.long()
+
+
+def _projection(obj: Objective, e: torch.Tensor) -> torch.Tensor:
+    """``Z = Lᵀ E R`` (``E R`` without a left factor): ``loss(E) = ‖Z‖`` for a factored objective."""
+    pe = e if obj.left is None else obj.left.T @ e
+    return pe @ obj.right
+
+
+def _grad_from_projection(obj: Objective, z: torch.Tensor) -> torch.Tensor:
+    """``2 L Z Rᵀ`` = ``grad_quad(E)`` for a factored objective, in TF32 on CUDA (it only proposes moves)."""
+    with _tf32(z.is_cuda):
+        zr = z @ obj.right.T
+        return 2.0 * (zr if obj.left is None else obj.left @ zr)
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = saved or enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
