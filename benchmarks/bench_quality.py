@@ -99,6 +99,7 @@ def quantize_model(
     sequential: bool,
     holdout_every: int = 5,
     sequential_replay: bool = False,
+    drift_trust: float | None = None,
 ):
     """Quantize the encoder linears through the product path (``lrq_ao.quantize_``); returns per-layer reports."""
     only_encoder = lambda m, n: n.startswith("encoder.")  # noqa: E731
@@ -112,6 +113,7 @@ def quantize_model(
             filter_fn=only_encoder,
             holdout_every=holdout_every,
             cache_inputs=not sequential_replay,
+            drift_trust=drift_trust,
         ).layers
     calib = None
     if cfg.objective in ("output", "act_svd"):
@@ -143,6 +145,12 @@ def main() -> None:
         action="store_true",
         help="ours_seq re-runs the model for every stage (cache_inputs=False) instead of running each batch once",
     )
+    ap.add_argument(
+        "--drift-trust",
+        type=float,
+        default=None,
+        help="ours_seq: compensate this fraction of the input drift (default: the James-Stein rule per layer)",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     calib_batches, eval_batches = calibration_batches(), evaluation_batches()
@@ -159,7 +167,13 @@ def main() -> None:
             model_q = load_minilm()
             t0 = time.perf_counter()
             reports = quantize_model(
-                model_q, cfg, calib_batches, method == "ours_seq", args.holdout_every, args.sequential_replay
+                model_q,
+                cfg,
+                calib_batches,
+                method == "ours_seq",
+                args.holdout_every,
+                args.sequential_replay,
+                args.drift_trust,
             )
             seconds = time.perf_counter() - t0
             db = evaluate(model_fp, model_q, eval_batches).end_to_end_sqnr
@@ -168,6 +182,13 @@ def main() -> None:
             kept = sum(bool(r["kept_rtn"]) for r in reports) if method != "rtn" else 0
             delta = "" if rtn_db is None else f"{db - rtn_db:+.2f}"
             print(f"{fmt:<11}{method:<11}{db:>12.2f}{delta:>8}{moved:>9.1f}{kept:>9}{seconds:>9.1f}", flush=True)
+            trust = sorted(r["drift_trust"] for r in reports if r.get("drift_trust") is not None)
+            if trust:
+                print(
+                    f"    drift trust per layer: min {trust[0]:.3f}, median {trust[len(trust) // 2]:.3f}, "
+                    f"max {trust[-1]:.3f}",
+                    flush=True,
+                )
             for r in reports:
                 if r["name"] == args.show_layer:
                     keys = ("output_sqnr_db", "output_sqnr_heldout_rtn_db", "output_sqnr_heldout_db")

@@ -202,6 +202,12 @@ class Calibration:
         if owner in self._acc or owner in self._stats:
             self._alias[name] = owner
 
+    def set_stats(self, name: str, stats: LinearStats | None) -> None:
+        """Give the linear ``name`` its own ``stats`` (no longer shared with another linear); None: leave it as is."""
+        if stats is not None:
+            self._alias.pop(name, None)
+            self._stats[name] = stats
+
     # -- access --------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
         return sorted(set(self._acc) | set(self._stats) | set(self._alias))

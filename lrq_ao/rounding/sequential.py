@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lrq_ao.config import LearnedRoundingConfig
-from lrq_ao.rounding.calibration import Calibration, calibrate
+from lrq_ao.rounding.calibration import Calibration, LinearStats, calibrate
 
 Forward = Callable[[nn.Module, Any], Any]
 TokenMask = Callable[[Any], torch.Tensor | None]
@@ -92,6 +92,7 @@ def quantize_sequential(
     filter_fn=None,
     holdout_every: int = 5,
     cache_inputs: bool = True,
+    drift_trust: float | None = None,
 ):
     """Quantize ``model`` in place, stage by stage, against a float copy of itself; returns the
     ``QuantizationReport`` of ``lrq_ao.quantize_`` for all stages.
@@ -111,9 +112,19 @@ def quantize_sequential(
     stages = linear_stages(model, batches[0], forward, filter_fn)
     total = QuantizationReport()
 
+    modules = dict(model.named_modules())
+
     def quantize_stage(stage: list[str], calib: Calibration) -> None:
+        trust = {}
+        if config.compensate_drift:
+            trust = {name: _trust_drift(calib, name, modules[name].weight, drift_trust) for name in stage}
+            for name, (_, st) in trust.items():
+                calib.set_stats(name, st)
         accept = lambda m, n, names=set(stage): n in names  # noqa: E731
-        total.layers.extend(quantize_(model, dataclasses.replace(config, calibration=calib), filter_fn=accept).layers)
+        layers = quantize_(model, dataclasses.replace(config, calibration=calib), filter_fn=accept).layers
+        for layer in layers:
+            layer["drift_trust"] = trust[layer["name"]][0] if layer["name"] in trust else None
+        total.layers.extend(layers)
 
     args = (model, reference, stages, batches, forward, token_mask, holdout_every, quantize_stage)
     if cache_inputs:
@@ -283,3 +294,41 @@ def _install_pause_hooks(model: nn.Module, stage_of: dict[str, int]) -> list:
 
         handles.append(mod.register_forward_pre_hook(hook))
     return handles
+
+
+def drift_trust_factor(w: torch.Tensor, stats: LinearStats, damp: float = 0.01) -> float:
+    """How much of the measured input drift the rounding should compensate, ``γ ∈ [0, 1]`` (James–Stein).
+
+    The compensation the drift-aware objective aims at is ``B H⁻¹`` with ``B = W·E[d xᵀ]`` estimated from ``n``
+    rows. Its size in the objective's metric is ``‖B‖²_{H⁻¹} = tr(B H⁻¹ Bᵀ)``; the estimation noise in the same
+    metric is about ``E‖W d‖²·E[xᵀ H⁻¹ x] / n = tr(W E[d dᵀ] Wᵀ)·K / n`` (``d`` and ``x`` taken as independent).
+    Shrinking the estimate by ``γ = 1 − noise / ‖B̂‖²_{H⁻¹}`` (clamped to [0, 1]) removes the noise's share: a
+    drift that the input explains well (large ``‖B‖``, FP8's larger errors) is compensated nearly fully, a small
+    or unpredictable one (INT8 per-row) barely. ``damp`` is the ridge (fraction of mean diag H) of the solve.
+    """
+    h = stats.h.to(torch.float64)
+    k = h.shape[0]
+    w64 = w.detach().to(device=h.device, dtype=torch.float64)
+    b = w64 @ stats.cross.to(torch.float64)
+    ridge = damp * h.diagonal().mean().clamp_min(1e-30)
+    chol = torch.linalg.cholesky(h + ridge * torch.eye(k, dtype=torch.float64, device=h.device))
+    signal = float((b * torch.cholesky_solve(b.T, chol).T).sum())
+    noise = float(((w64 @ stats.drift_h.to(torch.float64)) * w64).sum()) * k / max(stats.count, 1)
+    if signal <= 0:
+        return 0.0
+    return min(1.0, max(0.0, 1.0 - noise / signal))
+
+
+def _trust_drift(
+    calib: Calibration, name: str, weight: torch.Tensor, fixed: float | None
+) -> tuple[float | None, LinearStats | None]:
+    """The layer's statistics with its drift scaled by ``γ`` (``fixed``, else ``drift_trust_factor``): the target
+    becomes ``x + γ·d`` instead of ``x_ref = x + d``, so ``cross`` scales by ``γ`` and ``drift_h`` by ``γ²``."""
+    st = calib.stats(name)
+    if st is None or st.cross is None:
+        return None, st
+    gamma = fixed if fixed is not None else drift_trust_factor(weight.float(), st)
+    scaled = dataclasses.replace(
+        st, cross=gamma * st.cross, drift_h=gamma**2 * st.drift_h, drift_mean=gamma * st.drift_mean
+    )
+    return gamma, scaled

@@ -10,7 +10,8 @@ from torch import nn
 
 from lrq_ao import LearnedRoundingConfig, calibrate, quantize_
 from lrq_ao.primitives import sqnr
-from lrq_ao.rounding.sequential import linear_stages, quantize_sequential
+from lrq_ao.rounding.calibration import LinearStats
+from lrq_ao.rounding.sequential import drift_trust_factor, linear_stages, quantize_sequential
 
 
 class Block(nn.Module):
@@ -135,3 +136,25 @@ def test_a_failing_forward_pass_is_reported_and_stops_every_paused_pass():
     with pytest.raises(RuntimeError, match="forward pass failed.*no input in this batch"):
         quantize_sequential(Block().eval(), cfg, batches, forward=forward)
     assert threading.active_count() == threads_before
+
+
+def _drift_stats(x: torch.Tensor, d: torch.Tensor) -> LinearStats:
+    n = x.shape[0]
+    return LinearStats(x.T @ x / n, x.mean(0), n, cross=d.T @ x / n, drift_h=d.T @ d / n, drift_mean=d.mean(0))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_drift_trust_follows_how_much_of_the_drift_the_input_explains(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, k = 4000, 32
+    x = torch.randn(n, k, generator=g, dtype=torch.float64) * torch.linspace(0.3, 2.0, k, dtype=torch.float64)
+    w = torch.randn(32, k, generator=g, dtype=torch.float64)
+    explained = x @ torch.randn(k, k, generator=g, dtype=torch.float64).T * 0.05  # drift linear in the input
+    unexplained = torch.randn(n, k, generator=g, dtype=torch.float64) * 0.05  # drift independent of the input
+    # Fully explained: only the K/n estimation share is shrunk away; pure noise: nothing is worth compensating.
+    assert drift_trust_factor(w, _drift_stats(x, explained)) > 0.98
+    assert drift_trust_factor(w, _drift_stats(x, unexplained)) < 0.1
+    # A mix: the fewer rows, the noisier the estimate of the explained part, the less it is trusted.
+    mixed = explained + 8 * unexplained
+    trust = [drift_trust_factor(w, _drift_stats(x[:rows], mixed[:rows])) for rows in (250, 1000, 4000)]
+    assert 0.5 < trust[0] < trust[1] < trust[2] < drift_trust_factor(w, _drift_stats(x, explained))
