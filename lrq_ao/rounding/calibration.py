@@ -48,6 +48,9 @@ class LinearStats:
 
     ``h_holdout = E[x xᵀ]`` over the held-out forward calls (``count_holdout`` rows), never used for fitting; None
     when no held-out call ran.
+
+    ``cross_half = E[d xᵀ]`` over the odd-numbered fitting calls only (``count_half`` rows): the difference of the two
+    halves measures how noisy ``cross`` is (``sequential.drift_trust_factor``). Captured, not saved to files.
     """
 
     h: torch.Tensor
@@ -58,6 +61,8 @@ class LinearStats:
     drift_mean: torch.Tensor | None = None
     h_holdout: torch.Tensor | None = None
     count_holdout: int = 0
+    cross_half: torch.Tensor | None = None
+    count_half: int = 0
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None, device) -> torch.Tensor:
@@ -77,6 +82,8 @@ class _Accumulator:
         self.sum_d = torch.zeros(k, dtype=torch.float64, device=device) if paired else None
         self.sum_xx_holdout: torch.Tensor | None = None  # allocated by the first held-out call
         self.count_holdout = 0
+        self.sum_dx_half = torch.zeros(k, k, dtype=torch.float32, device=device) if paired else None
+        self.count_half = 0
 
     @torch.no_grad()
     def add_holdout(self, rows: torch.Tensor) -> None:
@@ -86,13 +93,16 @@ class _Accumulator:
         self.count_holdout += rows.shape[0]
 
     @torch.no_grad()
-    def add(self, rows: torch.Tensor, ref_rows: torch.Tensor | None = None) -> None:
+    def add(self, rows: torch.Tensor, ref_rows: torch.Tensor | None = None, first_half: bool = False) -> None:
         self.sum_xx.addmm_(rows.T, rows)
         self.sum_x += rows.sum(dim=0, dtype=torch.float64)
         self.count += rows.shape[0]
         if self.sum_dx is not None:
             d = ref_rows - rows
             self.sum_dx.addmm_(d.T, rows)
+            if first_half:
+                self.sum_dx_half.addmm_(d.T, rows)
+                self.count_half += rows.shape[0]
             self.sum_dd.addmm_(d.T, d)
             self.sum_d += d.sum(dim=0, dtype=torch.float64)
 
@@ -109,6 +119,8 @@ class _Accumulator:
             st.cross, st.drift_h, st.drift_mean = self.sum_dx / n, self.sum_dd / n, (self.sum_d / n).float()
         if self.count_holdout > 0:
             st.h_holdout, st.count_holdout = self.sum_xx_holdout / self.count_holdout, self.count_holdout
+        if self.sum_dx_half is not None and 0 < self.count_half < self.count:
+            st.cross_half, st.count_half = self.sum_dx_half / self.count_half, self.count_half
         return st
 
 
@@ -160,9 +172,16 @@ class Calibration:
         if self._in_holdout_call():
             self._acc[name].add_holdout(_rows(x, self.token_mask, dev))
         else:
-            self._acc[name].add(_rows(x, self.token_mask, dev), ref_rows)
+            self._acc[name].add(
+                _rows(x, self.token_mask, dev), ref_rows, first_half=self._fitting_call_index() % 2 == 1
+            )
         self._seen[id(x)] = (x, name)
         self._stats.pop(name, None)
+
+    def _fitting_call_index(self) -> int:
+        """1, 2, 3, … over the forward calls that feed the fit (held-out calls skipped)."""
+        k = self.holdout_every
+        return self._forward_calls - (self._forward_calls // k if k > 0 else 0)
 
     def _in_holdout_call(self) -> bool:
         k = self.holdout_every

@@ -300,20 +300,31 @@ def drift_trust_factor(w: torch.Tensor, stats: LinearStats, damp: float = 0.01) 
     """How much of the measured input drift the rounding should compensate, ``γ ∈ [0, 1]`` (James–Stein).
 
     The compensation the drift-aware objective aims at is ``B H⁻¹`` with ``B = W·E[d xᵀ]`` estimated from ``n``
-    rows. Its size in the objective's metric is ``‖B‖²_{H⁻¹} = tr(B H⁻¹ Bᵀ)``; the estimation noise in the same
-    metric is about ``E‖W d‖²·E[xᵀ H⁻¹ x] / n = tr(W E[d dᵀ] Wᵀ)·K / n`` (``d`` and ``x`` taken as independent).
-    Shrinking the estimate by ``γ = 1 − noise / ‖B̂‖²_{H⁻¹}`` (clamped to [0, 1]) removes the noise's share: a
-    drift that the input explains well (large ``‖B‖``, FP8's larger errors) is compensated nearly fully, a small
-    or unpredictable one (INT8 per-row) barely. ``damp`` is the ridge (fraction of mean diag H) of the solve.
+    rows; its size in the objective's metric is ``‖B̂‖²_{H⁻¹} = tr(B̂ H⁻¹ B̂ᵀ)``, and ``γ = 1 − noise / ‖B̂‖²_{H⁻¹}``
+    (clamped to [0, 1]) removes the estimation noise's expected share: a drift that the input explains well is
+    compensated nearly fully, a small or unpredictable one barely. The noise is measured from the two halves of
+    the calibration calls when the statistics have them (``cross_half``): ``‖B̂₁ − B̂₂‖²_{H⁻¹}·n₁n₂/n²``, which
+    holds for heavy-tailed inputs and tokens correlated within a batch; otherwise it is taken as
+    ``tr(W E[d dᵀ] Wᵀ)·K/n`` (``d`` and ``x`` independent). ``damp`` is the solve's ridge (fraction of mean diag H).
     """
     h = stats.h.to(torch.float64)
     k = h.shape[0]
     w64 = w.detach().to(device=h.device, dtype=torch.float64)
-    b = w64 @ stats.cross.to(torch.float64)
     ridge = damp * h.diagonal().mean().clamp_min(1e-30)
     chol = torch.linalg.cholesky(h + ridge * torch.eye(k, dtype=torch.float64, device=h.device))
-    signal = float((b * torch.cholesky_solve(b.T, chol).T).sum())
-    noise = float(((w64 @ stats.drift_h.to(torch.float64)) * w64).sum()) * k / max(stats.count, 1)
+
+    def norm2(c: torch.Tensor) -> float:  # ‖W c‖²_{H⁻¹}
+        b = w64 @ c.to(device=h.device, dtype=torch.float64)
+        return float((b * torch.cholesky_solve(b.T, chol).T).sum())
+
+    n = max(stats.count, 1)
+    signal = norm2(stats.cross)
+    if stats.cross_half is not None and 0 < stats.count_half < stats.count:
+        n1, n2 = stats.count_half, stats.count - stats.count_half
+        cross_other = (n * stats.cross.double() - n1 * stats.cross_half.double()) / n2
+        noise = norm2(stats.cross_half.double() - cross_other) * n1 * n2 / n**2
+    else:
+        noise = float(((w64 @ stats.drift_h.to(torch.float64)) * w64).sum()) * k / n
     if signal <= 0:
         return 0.0
     return min(1.0, max(0.0, 1.0 - noise / signal))

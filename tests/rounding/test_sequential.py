@@ -138,9 +138,12 @@ def test_a_failing_forward_pass_is_reported_and_stops_every_paused_pass():
     assert threading.active_count() == threads_before
 
 
-def _drift_stats(x: torch.Tensor, d: torch.Tensor) -> LinearStats:
+def _drift_stats(x: torch.Tensor, d: torch.Tensor, halves: bool = False) -> LinearStats:
     n = x.shape[0]
-    return LinearStats(x.T @ x / n, x.mean(0), n, cross=d.T @ x / n, drift_h=d.T @ d / n, drift_mean=d.mean(0))
+    st = LinearStats(x.T @ x / n, x.mean(0), n, cross=d.T @ x / n, drift_h=d.T @ d / n, drift_mean=d.mean(0))
+    if halves:  # what calibration records: E[d xᵀ] over half of the calls
+        st.cross_half, st.count_half = d[: n // 2].T @ x[: n // 2] / (n // 2), n // 2
+    return st
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -158,3 +161,22 @@ def test_drift_trust_follows_how_much_of_the_drift_the_input_explains(seed):
     mixed = explained + 8 * unexplained
     trust = [drift_trust_factor(w, _drift_stats(x[:rows], mixed[:rows])) for rows in (250, 1000, 4000)]
     assert 0.5 < trust[0] < trust[1] < trust[2] < drift_trust_factor(w, _drift_stats(x, explained))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_drift_noise_from_split_halves_holds_for_heavy_tailed_tokens(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, k = 4000, 32
+    x = torch.randn(n, k, generator=g, dtype=torch.float64) * torch.linspace(0.3, 2.0, k, dtype=torch.float64)
+    w = torch.randn(32, k, generator=g, dtype=torch.float64)
+    explained = x @ torch.randn(k, k, generator=g, dtype=torch.float64).T * 0.05
+    unexplained = torch.randn(n, k, generator=g, dtype=torch.float64) * 0.05
+    mixed = explained[:1000] + 8 * unexplained[:1000]
+    # Independent Gaussian rows: the split-half noise agrees with the closed form.
+    closed, split = (drift_trust_factor(w, _drift_stats(x[:1000], mixed, halves)) for halves in (False, True))
+    assert abs(closed - split) < 0.03
+    # Outlier tokens (a heavy-tailed scale per row) carrying drift that the input does not explain: the closed
+    # form, which assumes d and x independent, trusts that noise; the split halves see it for what it is.
+    tail = torch.exp(1.5 * torch.randn(n, 1, generator=g, dtype=torch.float64))
+    closed, split = (drift_trust_factor(w, _drift_stats(x * tail, unexplained * tail, h)) for h in (False, True))
+    assert split < 0.1 < 0.5 < closed
