@@ -15,6 +15,7 @@ __all__ = [
     "LearnedRoundingConfig",
     "format_spec",
     "quantize_",
+    "quantize_sequential",
     "calibrate",
     "load_comfy",
     "load_comfy_into",
@@ -24,6 +25,7 @@ __all__ = [
 
 _LAZY = {
     "quantize_": "lrq_ao.api",
+    "quantize_sequential": "lrq_ao.rounding.sequential",
     "calibrate": "lrq_ao.rounding.calibration",
     "load_comfy": "lrq_ao.convert.reader",
     "load_comfy_into": "lrq_ao.convert.reader",

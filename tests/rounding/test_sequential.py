@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from lrq_ao import LearnedRoundingConfig, calibrate, quantize_
+from lrq_ao import LearnedRoundingConfig, calibrate, quantize_, quantize_sequential
 from lrq_ao.primitives import sqnr
 from lrq_ao.rounding.calibration import LinearStats
-from lrq_ao.rounding.sequential import drift_trust_factor, linear_stages, quantize_sequential
+from lrq_ao.rounding.sequential import drift_trust_factor, linear_stages
 
 
 class Block(nn.Module):
