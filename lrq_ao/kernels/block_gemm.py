@@ -4,9 +4,13 @@
 
 Each K step covers exactly one block (``BLOCK_K == block``): the int8 x int8 product is accumulated in int32 by the
 tensor cores (float32 for FP8), then rescaled by both scales and added to a float32 accumulator, the scheme of
-DeepSeek-V3's FP8 GEMM (arXiv:2412.19437, section 3.3) with INT8 operands. The activation is quantized right before
-the GEMM by ``lrq_ao::quantize_activation`` (one pass, ``block`` granularity). Any block in {32, 64, 128, 256}
-that divides K and N; M is ragged (masked).
+DeepSeek-V3's FP8 GEMM (arXiv:2412.19437, section 3.3) with INT8 operands. The rescale runs on the CUDA cores
+between tensor-core steps, so its instruction count per element is the cost that matters: the int32 partial is
+converted with ``int32_to_float32_exact`` (an add and a subtract instead of Hopper's slow I2F), and a tile no wider
+than a weight block (``BLOCK_N <= block``) has one weight scale per K step, so the rescale is one multiply-add by a
+per-row factor. The activation is quantized right before the GEMM by ``lrq_ao::quantize_activation`` (one pass,
+``block`` granularity). Any block in {32, 64, 128, 256} that divides K and N; M is ragged (TMA reads zeros past the
+last row, pointer loads a valid row; the store is masked).
 
 Ops: ``lrq_ao::block_scaled_gemm(xq, x_scale, wq, w_scale, block, bias, out_dtype_name)`` and
 ``lrq_ao::block_scaled_linear(x, wq, w_scale, block, bias)``.
@@ -18,24 +22,40 @@ import torch
 import triton
 import triton.language as tl
 
-from lrq_ao.kernels._gemm_common import CPU_CONFIG, autotune_bench, grid_1d, grouped_tile
+from lrq_ao.kernels._gemm_common import (
+    CPU_CONFIG,
+    autotune_bench,
+    grid_1d,
+    grouped_tile,
+    int32_to_float32_exact,
+    prune_by_batch,
+    set_descriptor_boxes,
+    w8a8_operands,
+)
 from lrq_ao.kernels._runtime import check_contiguous_last, check_device, launchable, m_bucket
 from lrq_ao.kernels.act_quant import quantize_activation_triton
 from lrq_ao.kernels.row_gemm import OUT_DTYPES
 
 BLOCKS = (32, 64, 128, 256)
 
-# BLOCK_K is the quantization block, fixed by the launcher; these configs tune the M and N tiles.
+# BLOCK_K is the quantization block, fixed by the launcher; these configs tune the M and N tiles. A 128 x 128 tile
+# on 8 warps holds the float32 accumulator and the int32 partial in 128 registers per thread; 128 x 256 needs 256.
 BLOCK_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s, pre_hook=set_descriptor_boxes
+    )
     for bm, bn, w, s in [
         (128, 128, 8, 3),
-        (128, 128, 4, 4),
+        (128, 128, 8, 4),
+        (128, 128, 8, 5),
+        (128, 64, 4, 4),
+        (256, 64, 8, 3),
         (128, 256, 8, 3),
         (64, 128, 4, 4),
         (64, 64, 4, 4),
-        (16, 64, 4, 4),
         (32, 128, 4, 4),
+        (16, 64, 4, 4),
+        (16, 128, 4, 4),
     ]
 ]
 
@@ -43,7 +63,8 @@ BLOCK_CONFIGS = [
 def _prune(configs, named_args, **kwargs):
     block_k = kwargs.get("BLOCK_K", named_args.get("BLOCK_K"))
     # Two operand tiles per stage must fit the 228 KB of Hopper shared memory.
-    return [c for c in configs if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * block_k * c.num_stages <= 200_000]
+    fits = [c for c in configs if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * block_k * c.num_stages <= 200_000]
+    return prune_by_batch(fits, named_args)
 
 
 @triton.jit
@@ -65,34 +86,49 @@ def _block_scaled_gemm_kernel(
     M_BUCKET,
     HAS_BIAS: tl.constexpr,
     IS_INT: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    """``a_ptr`` / ``b_ptr`` are TMA descriptors when ``TMA``; ``BLOCK_K`` is the quantization block."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     safe_m = offs_m % M
     safe_n = offs_n % N
-    a_ptrs = a_ptr + safe_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + safe_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    a_ptrs = a_ptr
+    b_ptrs = b_ptr
+    if not TMA:
+        a_ptrs = a_ptr + safe_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + safe_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
     sa_ptrs = sa_ptr + safe_m * stride_sam
-    sb_ptrs = sb_ptr + (safe_n // BLOCK_K) * stride_sbn
+    ONE_WEIGHT_BLOCK: tl.constexpr = BLOCK_N <= BLOCK_K
+    if ONE_WEIGHT_BLOCK:
+        sb_ptr = sb_ptr + (pid_n * BLOCK_N // BLOCK_K) * stride_sbn
+    else:
+        sb_ptrs = sb_ptr + (safe_n // BLOCK_K) * stride_sbn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K // BLOCK_K):
-        a = tl.load(a_ptrs)
-        b = tl.load(b_ptrs)
+        if TMA:
+            a = a_ptr.load([pid_m * BLOCK_M, kb * BLOCK_K])
+            b = b_ptr.load([pid_n * BLOCK_N, kb * BLOCK_K]).T
+        else:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
         if IS_INT:
-            partial = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+            partial = int32_to_float32_exact(tl.dot(a, b, out_dtype=tl.int32))
         else:
             partial = tl.dot(a, b)
         sa = tl.load(sa_ptrs + kb)
-        sb = tl.load(sb_ptrs + kb)
-        acc += partial * sa[:, None] * sb[None, :]
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        if ONE_WEIGHT_BLOCK:
+            acc = tl.fma(partial, (sa * tl.load(sb_ptr + kb))[:, None], acc)
+        else:
+            acc = tl.fma(partial, sa[:, None] * tl.load(sb_ptrs + kb)[None, :], acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
@@ -102,7 +138,7 @@ def _block_scaled_gemm_kernel(
 _block_scaled_gemm_tuned = triton.autotune(
     configs=BLOCK_CONFIGS,
     do_bench=autotune_bench,
-    key=["N", "K", "M_BUCKET", "HAS_BIAS", "BLOCK_K"],
+    key=["N", "K", "M_BUCKET", "HAS_BIAS", "IS_INT", "TMA", "BLOCK_K"],
     prune_configs_by={"early_config_prune": _prune},
 )(_block_scaled_gemm_kernel)
 
@@ -142,14 +178,15 @@ def block_scaled_gemm(
     out = torch.empty((m, n), dtype=out_dtype, device=device)
     if m == 0:
         return out
-    args = (xq, wq, x_scale, w_scale, bias if bias is not None else out, out, m, n, k)
+    cpu_tile = {key: v for key, v in CPU_CONFIG.items() if key != "BLOCK_K"}
+    (a, b), tma = w8a8_operands(xq, wq, dict(cpu_tile, BLOCK_K=block))
+    args = (a, b, x_scale, w_scale, bias if bias is not None else out, out, m, n, k)
     args += (xq.stride(0), wq.stride(0), out.stride(0), x_scale.stride(0), w_scale.stride(0), m_bucket(m))
-    meta = {"HAS_BIAS": bias is not None, "IS_INT": xq.dtype == torch.int8, "BLOCK_K": block}
+    meta = {"HAS_BIAS": bias is not None, "IS_INT": xq.dtype == torch.int8, "TMA": tma, "BLOCK_K": block}
     if device.type == "cuda":
         _block_scaled_gemm_tuned[grid_1d(m, n)](*args, **meta)
     else:
-        cpu = {key: v for key, v in CPU_CONFIG.items() if key != "BLOCK_K"}
-        launchable(_block_scaled_gemm_kernel, device)[grid_1d(m, n)(cpu)](*args, **meta, **cpu)
+        launchable(_block_scaled_gemm_kernel, device)[grid_1d(m, n)(cpu_tile)](*args, **meta, **cpu_tile)
     return out
 
 

@@ -4,7 +4,8 @@
 float32 (FP8) over the whole K, rescaled once in the epilogue, bias added in float32, written in ``x.dtype``.
 Against ``torch._int_mm`` this saves the int32 output round trip and the separate rescale kernel: the output is
 written once, in bf16. Scales are per row (``(M, 1)`` / ``(N, 1)``) or per tensor (``(1, 1)``, read with stride
-0), so per-tensor weights run here too.
+0), so per-tensor weights run here too. Operand tiles come through TMA descriptors when both operands are 16-byte
+aligned (any K that is a multiple of 16, on Hopper), else through pointers with a masked K tail.
 
 Ops: ``lrq_ao::row_scaled_gemm(xq, x_scale, wq, w_scale, bias, out_dtype_name)`` (quantized inputs given) and
 ``lrq_ao::row_scaled_linear(x, wq, w_scale, bias, act_granularity)`` (quantizes ``x`` first with
@@ -17,7 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from lrq_ao.kernels._gemm_common import CPU_CONFIG, W8A8_CONFIGS, autotune_bench, grid_1d, grouped_tile
+from lrq_ao.kernels._gemm_common import (
+    CPU_CONFIG,
+    W8A8_CONFIGS,
+    autotune_bench,
+    grid_1d,
+    grouped_tile,
+    prune_by_batch,
+    w8a8_operands,
+)
 from lrq_ao.kernels._runtime import check_contiguous_last, check_device, launchable, m_bucket
 from lrq_ao.kernels.act_quant import qdtype_name, quantize_activation_triton
 
@@ -43,11 +52,13 @@ def _row_scaled_gemm_kernel(
     M_BUCKET,
     HAS_BIAS: tl.constexpr,
     IS_INT: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    """``a_ptr`` / ``b_ptr`` are TMA descriptors when ``TMA`` (rows and K past the edge read as zero)."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -55,22 +66,29 @@ def _row_scaled_gemm_kernel(
     # Rows / columns past the edge read a valid row (modulo) and are masked at the store.
     safe_m = offs_m % M
     safe_n = offs_n % N
-    a_ptrs = a_ptr + safe_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + safe_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    a_ptrs = a_ptr
+    b_ptrs = b_ptr
+    if not TMA:
+        a_ptrs = a_ptr + safe_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + safe_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
     if IS_INT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + offs_k) < K
-        a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        if TMA:
+            a = a_ptr.load([pid_m * BLOCK_M, k0])
+            b = b_ptr.load([pid_n * BLOCK_N, k0]).T
+        else:
+            k_mask = (k0 + offs_k) < K
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
         if IS_INT:
             acc += tl.dot(a, b, out_dtype=tl.int32)
         else:
             acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
     sa = tl.load(sa_ptr + safe_m * stride_sa)
     sb = tl.load(sb_ptr + safe_n * stride_sb)
     out = acc.to(tl.float32) * sa[:, None] * sb[None, :]
@@ -81,7 +99,10 @@ def _row_scaled_gemm_kernel(
 
 
 _row_scaled_gemm_tuned = triton.autotune(
-    configs=W8A8_CONFIGS, do_bench=autotune_bench, key=["N", "K", "M_BUCKET", "HAS_BIAS"]
+    configs=W8A8_CONFIGS,
+    do_bench=autotune_bench,
+    key=["N", "K", "M_BUCKET", "HAS_BIAS", "IS_INT", "TMA"],
+    prune_configs_by={"early_config_prune": prune_by_batch},
 )(_row_scaled_gemm_kernel)
 
 
@@ -120,9 +141,10 @@ def row_scaled_gemm(
     out = torch.empty((m, n), dtype=out_dtype, device=device)
     if m == 0:
         return out
-    args = (xq, wq, x_scale, w_scale, bias if bias is not None else out, out, m, n, k)
+    (a, b), tma = w8a8_operands(xq, wq, CPU_CONFIG)
+    args = (a, b, x_scale, w_scale, bias if bias is not None else out, out, m, n, k)
     args += (xq.stride(0), wq.stride(0), out.stride(0), stride_sa, stride_sb, m_bucket(m))
-    meta = {"HAS_BIAS": bias is not None, "IS_INT": xq.dtype == torch.int8}
+    meta = {"HAS_BIAS": bias is not None, "IS_INT": xq.dtype == torch.int8, "TMA": tma}
     if device.type == "cuda":
         _row_scaled_gemm_tuned[grid_1d(m, n)](*args, **meta)
     else:

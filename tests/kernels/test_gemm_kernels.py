@@ -12,6 +12,7 @@ import pytest
 import torch
 from kernel_testing import DEVICE, ON_CUDA, needs_fp8_compute, scaled_randn
 
+from lrq_ao.kernels._gemm_common import tma_operands
 from lrq_ao.kernels.act_quant import quantize_activation_triton
 from lrq_ao.kernels.block_gemm import block_scaled_gemm, block_scaled_linear
 from lrq_ao.kernels.fp8_linear import fp8_scaled_mm_linear
@@ -101,6 +102,46 @@ def test_block_gemm_accumulates_each_block_exactly():
     ones_x, ones_w = torch.ones(33, 2, device=DEVICE), torch.ones(2, 2, device=DEVICE)
     out = block_scaled_gemm(xq.to(DEVICE), ones_x, wq.to(DEVICE), ones_w, 32, None, torch.float32)
     assert torch.equal(out.cpu().double(), xq.double() @ wq.double().t())
+
+
+def test_block_gemm_converts_extreme_partials_exactly():
+    """Per-block int32 partials at the edge of the exact float32 conversion: +-2**22 and 256 * 127 * 127."""
+    signs = torch.tensor([1, -1, 1, -1], dtype=torch.int8)[:, None]
+    xq = torch.cat([torch.full((4, 256), -128, dtype=torch.int8), signs.repeat(1, 256) * 127], dim=1)
+    wq = torch.cat([torch.full((256, 256), -128, dtype=torch.int8), torch.full((256, 256), 127, dtype=torch.int8)], 1)
+    wq[128:, 256:] = -127
+    ones_x, ones_w = torch.ones(4, 2, device=DEVICE), torch.ones(1, 2, device=DEVICE)
+    out = block_scaled_gemm(xq.to(DEVICE), ones_x, wq.to(DEVICE), ones_w, 256, None, torch.float32)
+    assert torch.equal(out.cpu().double(), xq.double() @ wq.double().t())
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values one byte past a 16-byte boundary with an odd row stride: TMA refuses, pointers load it."""
+    padded = torch.zeros(t.shape[0], t.shape[1] + 1, dtype=t.dtype, device=t.device)
+    padded[:, 1:] = t
+    return padded[:, 1:]
+
+
+@pytest.mark.parametrize("kind", ["row", "block"])
+def test_tma_and_pointer_loads_agree(kind):
+    """Aligned operands go through TMA descriptors, misaligned ones through pointers: same bits out."""
+    m, n, k = 33, 64, 96
+    g = torch.Generator().manual_seed(5)
+    xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(DEVICE)
+    wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(DEVICE)
+    bias = _bias(n)
+    if kind == "row":
+        xs, ws = torch.rand(m, 1, generator=g).to(DEVICE), torch.rand(n, 1, generator=g).to(DEVICE)
+        run = lambda a, b: row_scaled_gemm(a, xs, b, ws, bias, torch.float32)  # noqa: E731
+    else:
+        xs, ws = torch.rand(m, k // 32, generator=g).to(DEVICE), torch.rand(n // 32, k // 32, generator=g).to(DEVICE)
+        run = lambda a, b: block_scaled_gemm(a, xs, b, ws, 32, bias, torch.float32)  # noqa: E731
+    assert tma_operands(xq, wq) and not tma_operands(_misaligned(xq), _misaligned(wq))
+    aligned, misaligned = run(xq, wq), run(_misaligned(xq), _misaligned(wq))
+    assert torch.equal(aligned, misaligned)
+    if kind == "row":
+        ref = _reference(xq.double().cpu() * xs.cpu().double(), wq.double().cpu() * ws.cpu().double(), bias.cpu())
+        assert sqnr(ref, aligned.cpu()) > 120.0
 
 
 @pytest.mark.parametrize("qdtype", [torch.int8, FP8_DTYPE], ids=["int8", "fp8"])
