@@ -292,24 +292,26 @@ def _parallel_step_kernel(
     values_ptr,
     new_idx_ptr,
     e_new_ptr,
-    N,
+    ROWS,
+    ROWS_PER_LAYER,
     K,
     NUM_VALUES,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # Rows of all layers are stacked: row r belongs to layer r // ROWS_PER_LAYER (its m_diag row and its c).
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows < N)[:, None] & (cols < K)[None, :]
-    offs = rows[:, None] * K + cols[None, :]
+    rmask = rows < ROWS
+    mask = rmask[:, None] & (cols < K)[None, :]
+    layer = rows // ROWS_PER_LAYER
+    offs = rows[:, None].to(tl.int64) * K + cols[None, :]
     idx = tl.load(idx_ptr + offs, mask=mask, other=0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     s = tl.load(s_ptr + offs, mask=mask, other=0.0)
-    diag = (
-        tl.load(p_diag_ptr + rows, mask=rows < N, other=0.0)[:, None]
-        * tl.load(m_diag_ptr + cols, mask=cols < K, other=0.0)[None, :]
-    )
-    curv = tl.load(c_ptr) * diag
+    p_diag = tl.load(p_diag_ptr + rows, mask=rmask, other=0.0)
+    m_diag = tl.load(m_diag_ptr + layer[:, None] * K + cols[None, :], mask=mask, other=0.0)
+    curv = tl.load(c_ptr + layer, mask=rmask, other=0.0)[:, None] * (p_diag[:, None] * m_diag)
     cur = tl.load(values_ptr + idx, mask=mask, other=0.0)
     best_idx = idx
     best_d = tl.zeros_like(cur)
@@ -337,15 +339,31 @@ def parallel_step(
     values: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One proposal of ``parallel_refine`` in one pass over memory: every element's best of {stay, one grid step
-    down, one up} under ``d·G + c·(p_r·m_j)·d²``. Returns ``(new_idx, e + d)``. ``idx`` (N, K) int32/int64,
-    ``g``, ``s``, ``e`` (N, K) float32, ``p_diag`` (N,), ``m_diag`` (K,), ``c`` a 0-d float32 tensor (read on the
-    device: no host sync), all contiguous on one device."""
+    down, one up} under ``d·G + c·(p_r·m_j)·d²``. Returns ``(new_idx, e + d)``. ``idx`` ([B,] N, K) int32/int64,
+    ``g``, ``s``, ``e`` ([B,] N, K) float32, ``p_diag`` ([B,] N), ``m_diag`` ([B,] K), ``c`` ([B]) float32 (read
+    on the device: no host sync), all contiguous on one device; B same-shape layers share one launch."""
     device = check_device("rounding_sweep.parallel_step", idx, g, s, e, p_diag, m_diag, c, values)
-    n, k = idx.shape
+    *_, n, k = idx.shape
+    rows = idx.numel() // k
     new_idx = torch.empty_like(idx)
     e_new = torch.empty_like(e)
     block_n, block_k = 8, 256
-    launchable(_parallel_step_kernel, device)[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-        idx, g, s, e, p_diag, m_diag, c, values, new_idx, e_new, n, k, values.numel(), BLOCK_N=block_n, BLOCK_K=block_k
+    launchable(_parallel_step_kernel, device)[(triton.cdiv(rows, block_n), triton.cdiv(k, block_k))](
+        idx,
+        g,
+        s,
+        e,
+        p_diag,
+        m_diag,
+        c,
+        values,
+        new_idx,
+        e_new,
+        rows,
+        n,
+        k,
+        values.numel(),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
     )
     return new_idx, e_new

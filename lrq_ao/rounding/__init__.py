@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +28,14 @@ from lrq_ao.rounding.gptq import gptq_indices
 from lrq_ao.rounding.greedy import greedy_refine, parallel_refine
 from lrq_ao.rounding.grid import Grid, full_scale
 from lrq_ao.rounding.loop import LoopSettings, default_lr, optimize_rounding
-from lrq_ao.rounding.objectives import Objective, act_svd_objective, output_objective, svd_objective
+from lrq_ao.rounding.objectives import (
+    Objective,
+    act_svd_objective,
+    output_objective,
+    svd_objective,
+    svd_rank,
+    truncated_svd,
+)
 
 __all__ = [
     "Calibration",
@@ -35,6 +43,7 @@ __all__ = [
     "RoundedWeight",
     "calibrate",
     "quantize_weight",
+    "quantize_weights",
     "resolve_method",
     "stats_for",
 ]
@@ -225,6 +234,119 @@ def _learned_rounding(w, qdata, scale, block_size, config, objective, init, rela
         torch.cuda.synchronize(dev)
     report["seconds"] = time.perf_counter() - t0
     return RoundedWeight(q_out, scale, block_size, report, bias_delta)
+
+
+BATCH_BYTES_PER_ELEMENT = 64  # what one weight element costs in a batched parallel refinement (float32 + index state)
+
+
+def quantize_weights(
+    weights: Sequence[torch.Tensor],
+    config: LearnedRoundingConfig,
+    *,
+    names: Sequence[str] | None = None,
+    max_batch: int | None = None,
+) -> list[RoundedWeight]:
+    """Quantize several weights without calibration data; returns one ``RoundedWeight`` per weight, in order.
+
+    Same-shape weights under the ``svd`` objective with the ``parallel`` relaxation are rounded together, as many
+    per batch as fit in half the free GPU memory (or ``max_batch``): one batched truncated SVD and one batched
+    refinement, each layer with its own step scale, accept test and fallback to round-to-nearest. Every other
+    method (and a weight alone of its shape, or all zero) goes through ``quantize_weight`` one at a time: GPTQ and
+    the greedy sweep depend on each layer's own calibration ``H``. Results match ``quantize_weight`` in kind, not
+    bit for bit (the random probes of the SVD differ). Raises as ``quantize_weight`` does.
+    """
+    names = [f"weight{i}" for i in range(len(weights))] if names is None else list(names)
+    if len(names) != len(weights):
+        raise ValueError(f"quantize_weights got {len(weights)} weights but {len(names)} names")
+    objective, _, relaxation = resolve_method(config, has_stats=False)
+    if objective != "svd" or relaxation != "parallel":
+        return [quantize_weight(w, config, name=n) for w, n in zip(weights, names)]
+    if config.bias_correction:
+        _bias_delta(config, None, None, None, None, None)  # raises: bias correction needs calibration statistics
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault((tuple(w.shape), str(w.device)), []).append(i)
+    results: list[RoundedWeight | None] = [None] * len(weights)
+    for (shape, _), members in groups.items():
+        batch = max_batch or _batch_that_fits(shape, _device_of(config, weights[members[0]]))
+        for c0 in range(0, len(members), max(batch, 1)):
+            chunk = members[c0 : c0 + max(batch, 1)]
+            batchable = [i for i in chunk if weights[i].dim() == 2 and bool(weights[i].detach().any())]
+            for i in chunk:
+                if i not in batchable or len(batchable) == 1:
+                    results[i] = quantize_weight(weights[i], config, name=names[i])
+            if len(batchable) > 1:
+                rounded = _svd_parallel_batch([weights[i] for i in batchable], [names[i] for i in batchable], config)
+                for i, r in zip(batchable, rounded):
+                    results[i] = r
+    return results
+
+
+def _device_of(config: LearnedRoundingConfig, w: torch.Tensor) -> torch.device:
+    return torch.device(config.device) if config.device is not None else w.device
+
+
+def _batch_that_fits(shape: tuple[int, ...], device: torch.device) -> int:
+    """Layers of ``shape`` per batch: half the free GPU memory over ``BATCH_BYTES_PER_ELEMENT`` per element (1 GiB
+    on the CPU, where batching saves little)."""
+    budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 1 << 30
+    return max(1, budget // (BATCH_BYTES_PER_ELEMENT * math.prod(shape)))
+
+
+def _svd_parallel_batch(weights: list[torch.Tensor], names: list[str], config: LearnedRoundingConfig):
+    """``quantize_weight`` with objective ``svd`` and relaxation ``parallel`` for B same-shape weights at once."""
+    t0 = time.perf_counter()
+    spec = config.spec
+    rtn = [quantize_rtn(w, spec, name) for w, name in zip(weights, names)]
+    out_device = rtn[0][0].device
+    dev = _device_of(config, weights[0])
+    grid = Grid(spec.qdtype, dev)
+    w = torch.stack([x.detach().to(device=dev, dtype=torch.float32) for x in weights])
+    s_full = torch.stack([full_scale(scale.to(dev), block) for _, scale, block in rtn])
+    idx_rtn = torch.stack([grid.rtn_index(w[i], rtn[i][1].to(dev), rtn[i][2]) for i in range(len(rtn))])
+    rank = svd_rank(*w.shape[-2:], config.top_p, config.min_k, config.max_k)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(config.seed)
+        u, v = truncated_svd(w, rank)
+        obj = Objective("svd", right=v, left=u, rank=rank)
+
+        def loss_of(idx: torch.Tensor) -> torch.Tensor:  # per layer, (B,)
+            return torch.linalg.vector_norm(u.mT @ (grid.values[idx] * s_full - w) @ v, dim=(-2, -1))
+
+        loss_rtn = loss_of(idx_rtn)
+        idx = parallel_refine(idx_rtn, w, s_full, grid, obj, iterations=config.num_iter, check_every=config.check_every)
+        loss_final = loss_of(idx)
+        kept = ~(loss_final < loss_rtn) if config.fallback_to_rtn else torch.zeros_like(loss_rtn, dtype=torch.bool)
+        idx = torch.where(kept[:, None, None], idx_rtn, idx)
+        loss_final = torch.where(kept, loss_rtn, loss_final)
+        moved = (idx != idx_rtn).float().mean(dim=(-2, -1))
+        w_dq = grid.values[idx] * s_full
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = (time.perf_counter() - t0) / len(weights)
+    results = []
+    for i, (qdata, scale, block) in enumerate(rtn):
+        kept_i = bool(kept[i])
+        report = {"name": names[i], "format": config.format, "objective": "svd", "shape": tuple(weights[i].shape)}
+        report.update(
+            weight_sqnr_db=sqnr(w[i], w_dq[i]),
+            objective_rtn=float(loss_rtn[i]),
+            objective_final=float(loss_final[i]),
+            moved_fraction=float(moved[i]),
+            kept_rtn=kept_i,
+            init="rtn",
+            relaxation="parallel",
+            optimizer="none",
+            steps=config.num_iter,
+            rank=rank,
+            output_sqnr_heldout_rtn_db=None,
+            output_sqnr_heldout_db=None,
+            seconds=seconds,
+            batch=len(weights),
+        )
+        q_out = qdata if kept_i else grid.to_qdata(idx[i]).to(out_device)
+        results.append(RoundedWeight(q_out, scale, block, report, None))
+    return results
 
 
 def _output_sqnr(w: torch.Tensor, w_dq: torch.Tensor, h: torch.Tensor) -> float:

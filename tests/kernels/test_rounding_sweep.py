@@ -10,7 +10,7 @@ from lrq_ao.primitives import FORMATS, quantize_rtn
 from lrq_ao.rounding.gptq import gptq_indices
 from lrq_ao.rounding.greedy import greedy_refine, parallel_refine
 from lrq_ao.rounding.grid import Grid, full_scale
-from lrq_ao.rounding.objectives import output_objective, svd_objective
+from lrq_ao.rounding.objectives import Objective, output_objective, svd_objective
 
 # The CPU interpreter matches the PyTorch loop bit for bit; compiled GPU code may fuse a multiply-add and flip a
 # rare tie, so on CUDA a handful of differing indices is allowed.
@@ -75,4 +75,17 @@ def test_fused_parallel_step_matches_the_loop(fmt):
     loop = parallel_refine(start, w, s, grid, obj, iterations=8, check_every=4, kernel=False)
     fused = parallel_refine(start, w, s, grid, obj, iterations=8, check_every=4, kernel=True)
     assert (loop != start).any(), "the refinement must move something for this test to mean anything"
+    _assert_same(fused, loop)
+
+
+def test_fused_parallel_step_matches_the_loop_on_a_batch_of_layers():
+    layers = [_layer("fp8", n=16, k=40, seed=seed) for seed in (3, 4)]
+    grid = layers[0][2]
+    w, s = torch.stack([lay[0] for lay in layers]), torch.stack([lay[1] for lay in layers])
+    objs = [svd_objective(lay[0], 0.2, 4, 8) for lay in layers]
+    obj = Objective("svd", right=torch.stack([o.right for o in objs]), left=torch.stack([o.left for o in objs]), rank=8)
+    start = grid.nearest_index(w / s)
+    loop = parallel_refine(start, w, s, grid, obj, iterations=8, check_every=4, kernel=False)
+    fused = parallel_refine(start, w, s, grid, obj, iterations=8, check_every=4, kernel=True)
+    assert all((loop[i] != start[i]).any() for i in range(2))
     _assert_same(fused, loop)
