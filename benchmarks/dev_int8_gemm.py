@@ -314,6 +314,9 @@ def main() -> None:
                     writer.writerows(rows)
             del case, true, dq
             torch.cuda.empty_cache()
+    for label, tuned in (("row", row_gemm._row_scaled_gemm_tuned), ("block", block_gemm._block_scaled_gemm_tuned)):
+        for key, cfg in tuned.cache.items():
+            print(f"best {label} {key}: {cfg}")
     print(f"\nwrote {csv_path}")
 
 

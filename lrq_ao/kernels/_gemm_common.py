@@ -107,15 +107,15 @@ W8A8_CONFIGS = [
 ]
 
 
-def prune_by_batch(configs, named_args, **kwargs):
-    """Tile heights that suit the batch: <= 64 rows up to M = 64, 64-128 up to 1024, >= 128 beyond."""
+def prune_by_batch(configs, named_args, big_m_rows: int = 128, **kwargs):
+    """Tile heights that suit the batch: <= 64 rows up to M = 64, 64-128 up to 1024, >= ``big_m_rows`` beyond."""
     bucket = named_args["M_BUCKET"]
     if bucket <= 6:
         low, high = 16, max(16, 2**bucket)
     elif bucket <= 10:
         low, high = 64, 128
     else:
-        low, high = 128, 256
+        low, high = big_m_rows, 256
     kept = [c for c in configs if low <= c.kwargs["BLOCK_M"] <= high]
     return kept or configs
 
