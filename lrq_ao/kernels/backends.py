@@ -14,7 +14,11 @@ first time a backend accepts an input. ``weight.describe(x)`` shows the choice a
 The TORCH backends of ``lrq_ao.layouts.linear`` sit at 110 (``_scaled_mm`` / ``_int_mm``) and 100 (weight-only).
 Priorities follow the H100 measurements in ``benchmarks/RESULTS.md`` (compiled single linears, plain timing):
 the Triton W8A8 row GEMM beat the ``_int_mm`` path at M >= 4608 and block-wise W8A8 has no TORCH backend, so
-those rank first; the FP8 path ranks first because it is the one measured end to end (Flux-like block, 1.22x);
+those rank first. FP8 dynamic: outside ``torch.compile`` ``triton_fp8_scaled_mm`` ranks first (one Triton pass
+quantizes the activation, where the TORCH backend's plain-torch quantization is several eager kernels); inside
+``torch.compile`` under ``kernel='auto'`` it steps aside for ``torch_scaled_mm``, whose quantization Inductor fuses
+with the op that produced the activation (H100, 3072 -> 9216 at M = 4608, CUDA graphs: 222 us = 1.66x bf16,
+torchao PerRow 243 us; DEVELOPMENT.md "Kernels"). The choice reads whether a graph is being compiled, never M;
 the weight-only kernel ranks *below* ``torch_weight_only`` because, with Python overhead included, it was slower
 at every measured M (its GPU-only time was not measured). ``kernel='triton'`` still selects it. On CPU the kernels
 run only through Triton's interpreter, only when ``TRITON_INTERPRET=1`` and only for ``kernel='triton'`` (never
@@ -77,6 +81,8 @@ def _fp8_scaled_mm_refusal(x, weight, bias):
         return refusal
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"activations must be bfloat16 or float16, got {x.dtype}"
+    if weight.kernel is KernelChoice.AUTO and torch.compiler.is_compiling():
+        return "inside torch.compile, kernel='auto' leaves FP8 to torch_scaled_mm, whose quantization Inductor fuses"
     return _accept(_device_refusal(x, weight))
 
 

@@ -5,7 +5,11 @@ eats into it is quantizing the activation. Here that is one Triton pass per row 
 cast pass (``tensor``), see ``act_quant``; the bias goes into ``_scaled_mm``'s epilogue.
 
 Weight scales: per tensor ``(1, 1)`` or per row ``(N, 1)``. A per-tensor weight with per-row activations is
-given to cuBLAS as a broadcast ``(1, N)`` row-wise scale (cuBLAS wants both operands of one kind).
+given to cuBLAS as a broadcast ``(1, N)`` row-wise scale (cuBLAS wants both operands of one kind). Accumulation
+as ``torch_scaled_mm`` (``SCALED_MM_FAST_ACCUM``), so both FP8 backends give the same GEMM.
+
+Inside ``torch.compile`` with ``kernel='auto'`` the TORCH backend runs instead (see ``kernels.backends``): this op is
+opaque to Inductor, while that backend's quantization fuses with the producer of the activation.
 
 Op: ``lrq_ao::fp8_scaled_mm_linear(x, wq, w_scale, act_granularity, bias)``.
 """
@@ -16,6 +20,7 @@ import torch
 
 from lrq_ao.kernels._runtime import check_contiguous_last, check_device
 from lrq_ao.kernels.act_quant import quantize_activation_triton
+from lrq_ao.layouts.linear import SCALED_MM_FAST_ACCUM
 from lrq_ao.primitives import FP8_DTYPE
 
 ACT_GRANULARITIES = ("tensor", "row")
@@ -54,7 +59,9 @@ def fp8_scaled_mm_linear(
     else:
         w_scale_b = w_scale
     bias = bias.to(x.dtype) if bias is not None else None
-    return torch._scaled_mm(xq, wq.t(), x_scale, w_scale_b, bias=bias, out_dtype=x.dtype)
+    return torch._scaled_mm(
+        xq, wq.t(), x_scale, w_scale_b, bias=bias, out_dtype=x.dtype, use_fast_accum=SCALED_MM_FAST_ACCUM
+    )
 
 
 @torch.library.custom_op("lrq_ao::fp8_scaled_mm_linear", mutates_args=())

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from lrq_ao.layouts import ActivationMode, Int8Tensor, dequantize_activation, emulated_linear, quantize_activation
-from lrq_ao.layouts.activation import activation_refusal
+from lrq_ao.layouts.activation import (
+    activation_refusal,
+    nearest_quotient_near,
+    quantize_activation_fusable,
+    round_to_e4m3_exactly,
+)
 from lrq_ao.primitives import FP8_DTYPE, MIN_SCALE, sqnr
 
 MODES = [ActivationMode("dynamic", "tensor"), ActivationMode("dynamic", "row"), ActivationMode("dynamic", "block", 32)]
@@ -80,3 +87,86 @@ def test_emulated_weight_only_is_float32_matmul_of_dequantized_weight():
     y = emulated_linear(x, w.qdata, w.scale, w.block_size, ActivationMode(), bias)
     expected = (x.float() @ w.dequantize(torch.float32).t()).to(torch.bfloat16) + bias
     assert torch.equal(y, expected)
+
+
+# quantize_activation_fusable: the plain-torch form the TORCH backends run inside torch.compile. Awkward shapes: M in
+# {1, 7, 33}, K = 40 (not a multiple of 16), K = 96 for 1 x 32 blocks; activations spanning 1e-3..1e2.
+FUSABLE_CASES = [(m, k, g) for m in (1, 7, 33) for k, g in ((40, "tensor"), (40, "row"), (96, "block"))]
+
+
+def _wide(m: int, k: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    return (torch.randn(m, k, generator=g) * torch.logspace(-3, 2, k)).to(torch.bfloat16)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("qdtype", [FP8_DTYPE, torch.int8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("case", FUSABLE_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}")
+def test_fusable_is_bit_identical_to_reference(qdtype, case):
+    m, k, granularity = case
+    x, mode = _wide(m, k), ActivationMode("dynamic", granularity, 32)
+    q_ref, s_ref = quantize_activation(x, qdtype, mode)
+    q, s = quantize_activation_fusable(x, qdtype, mode)
+    assert torch.equal(s, s_ref) and _same_bytes(q, q_ref)
+
+
+def test_fusable_rejects_what_the_reference_rejects():
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_activation_fusable(_x(k=96), torch.int8, ActivationMode("dynamic", "block", 64))
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_activation_fusable(_x().unsqueeze(0), torch.int8, MODES[1])
+
+
+def _scale_then_quantize_three_ways(x40: torch.Tensor, x96: torch.Tensor, gain: torch.Tensor):
+    # gain is a power of two per column: the producer's output is exact, so eager and Inductor agree on it
+    return (
+        quantize_activation_fusable(x40 * gain[:40], FP8_DTYPE, ActivationMode("dynamic", "tensor")),
+        quantize_activation_fusable(x40 * gain[:40], FP8_DTYPE, ActivationMode("dynamic", "row")),
+        quantize_activation_fusable(x96 * gain, FP8_DTYPE, ActivationMode("dynamic", "block", 32)),
+    )
+
+
+def test_fusable_compiled_is_bit_identical_and_fused_with_its_producer():
+    """One compiled graph (fullgraph, dynamic M; M = 1 is specialized by torch.compile) for every awkward M."""
+    from torch._inductor.utils import run_and_get_code
+
+    gain = torch.exp2(torch.arange(96) % 5 - 2.0).to(torch.bfloat16)
+    fn = torch.compile(_scale_then_quantize_three_ways, fullgraph=True, dynamic=True)
+    for m in (7, 33):  # M = 1 would be a second graph (torch.compile specializes it); eager covers it above
+        x40, x96 = _wide(m, 40), _wide(m, 96)
+        results, code = run_and_get_code(fn, x40, x96, gain)
+        expected = [
+            quantize_activation(x40 * gain[:40], FP8_DTYPE, ActivationMode("dynamic", "tensor")),
+            quantize_activation(x40 * gain[:40], FP8_DTYPE, ActivationMode("dynamic", "row")),
+            quantize_activation(x96 * gain, FP8_DTYPE, ActivationMode("dynamic", "block", 32)),
+        ]
+        for (q, s), (q_ref, s_ref), what in zip(results, expected, ("tensor", "row", "block"), strict=True):
+            assert torch.equal(s, s_ref) and _same_bytes(q, q_ref), f"{what}, M={m}"
+    # the producer's multiply and the amax live in one generated kernel (Inductor names kernels by their ops)
+    kernels = set(re.findall(r"\b(?:cpp|triton_\w+?)_fused_(\w+)", "\n".join(code)))
+    assert any("mul" in name and "amax" in name for name in kernels), kernels
+
+
+@pytest.mark.parametrize("divisor", [448.0, 127.0])
+def test_scale_is_recovered_from_a_guess_one_ulp_off(divisor):
+    """What Inductor's CUDA code may give for ``amax / qmax`` (one unit in the last place off) is corrected."""
+    g = torch.Generator().manual_seed(int(divisor))
+    a = torch.cat([torch.rand(4000, generator=g) * 10.0 ** torch.randint(-6, 4, (4000,), generator=g), torch.zeros(1)])
+    exact = a / divisor  # float32 IEEE division on CPU: the reference's scale
+    for shift in (-1, 0, 1):
+        guess = (exact.view(torch.int32) + shift).clamp_min(0).view(torch.float32)
+        assert torch.equal(nearest_quotient_near(a.double(), divisor, guess), exact), f"guess shifted by {shift}"
+
+
+def test_explicit_e4m3_rounding_matches_the_cast_on_every_bfloat16_and_near_every_midpoint():
+    bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
+    grid = grid[grid.isfinite()].unique()
+    midpoints = (grid[1:] + grid[:-1]) / 2
+    near = (midpoints.view(torch.int32).unsqueeze(1) + torch.arange(-2, 3, dtype=torch.int32)).view(torch.float32)
+    values = torch.cat([bf16[bf16.isfinite()], near.flatten(), -near.flatten(), torch.tensor([500.0, -1e30])])
+    expected = values.clamp(-448, 448).to(FP8_DTYPE)
+    assert torch.equal(round_to_e4m3_exactly(values).view(torch.uint8), expected.view(torch.uint8))

@@ -151,13 +151,33 @@ def _cuda_capability():
     return torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
 
 
+def test_scaled_mm_backend_compiled_equals_eager_with_fused_quantization():
+    """Inside torch.compile the backend's activation quantization is plain torch code: same bits as eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    backend = _backend("torch_scaled_mm")
+    w = Float8Tensor.from_hp(_w(), "row", act=DYNAMIC_ROW)
+    x, bias = _x(7).reshape(14, 96), _w(2, (64,))
+    fn = torch.compile(lambda x, b: backend.run(x * 2, w, b), fullgraph=True, dynamic=True)
+    y, code = run_and_get_code(fn, x, bias)
+    assert torch.equal(y, backend.run(x * 2, w, bias))
+    code = "\n".join(code)
+    assert "_scaled_mm" in code and "lrq_ao" not in code  # no opaque op: Inductor sees the quantization
+
+
 @pytest.mark.skipif(_cuda_capability() < (8, 9), reason="torch._scaled_mm FP8 needs CUDA SM >= 8.9")
 def test_scaled_mm_selected_and_accurate_on_cuda():
+    from torch._inductor.utils import run_and_get_code
+
     w = Float8Tensor.from_hp(_w().cuda(), "row", act=DYNAMIC_ROW)
     x = _x(33).cuda()
-    assert select_linear_backend(x, w)[0].name == "torch_scaled_mm"
+    # eager: the one-pass Triton quantizer if Triton is there; compiled: the fusable TORCH backend
+    assert select_linear_backend(x, w)[0].name in ("triton_fp8_scaled_mm", "torch_scaled_mm")
     expected = emulated_linear(x, w.qdata, w.scale, w.block_size, w.act)
     assert sqnr(expected.double(), F.linear(x, w)) >= 40
+    y, code = run_and_get_code(torch.compile(F.linear, fullgraph=True), x, w)
+    assert "fp8_scaled_mm_linear" not in "\n".join(code)
+    assert sqnr(expected.double(), y) >= 40
 
 
 @pytest.mark.skipif(_cuda_capability() < (7, 5), reason="torch._int_mm needs CUDA")
