@@ -287,9 +287,14 @@ def _device_of(config: LearnedRoundingConfig, w: torch.Tensor) -> torch.device:
 
 
 def _batch_that_fits(shape: tuple[int, ...], device: torch.device) -> int:
-    """Layers of ``shape`` per batch: half the free GPU memory over ``BATCH_BYTES_PER_ELEMENT`` per element (1 GiB
-    on the CPU, where batching saves little)."""
-    budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 1 << 30
+    """Layers of ``shape`` per batch: half the free GPU memory (the driver's free memory plus what PyTorch's caching
+    allocator holds unused) over ``BATCH_BYTES_PER_ELEMENT`` per element; 1 GiB on the CPU, where batching saves
+    little."""
+    if device.type == "cuda":
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = (torch.cuda.mem_get_info(device)[0] + cached) // 2
+    else:
+        budget = 1 << 30
     return max(1, budget // (BATCH_BYTES_PER_ELEMENT * math.prod(shape)))
 
 
