@@ -1,10 +1,20 @@
 """Weight-only linear: bf16/fp16 activations times an INT8 / FP8 weight dequantized inside the GEMM.
 
-``y = x @ dq(W).T + bias`` with ``dq(W) = (wq.float() * scale).to(x.dtype)`` formed tile by tile in registers,
-so the weight is read once, at 8 bits: at small M (decoding, small batches) the product is memory-bound and that
-halves the bytes a bf16 weight costs. Choosing this op never depends on the batch size: above ``FUSED_MAX_M``
-rows the op itself (on the concrete M, at run time) dequantizes the weight in one Triton pass and calls cuBLAS,
-because at large M converting the weight inside every output tile costs more than that pass.
+``y = x @ dq(W).T + bias`` with ``dq(W) = wq * scale``, the weight read once, at 8 bits: at small M (decoding,
+small batches) the product is memory-bound and that halves the bytes a bf16 weight costs. Three regimes, chosen by
+the op itself on the concrete M at run time (backend selection never looks at the batch size):
+
+* ``M <= SMALL_M_MAX`` (16): ``_small_m_kernel``, a split-K GEMV built for bandwidth. Operands are swapped
+  (``y.T = W @ x.T``) so the weight is the wide MMA operand and all M rows fit one 16-row MMA column block; the
+  K dimension is cut into ``SPLIT_K`` ranges so that even N = 3072 gives enough programs to keep every SM
+  streaming. ``wq`` converts to ``x.dtype`` *exactly* (int8 and e4m3 values are representable in bf16 and fp16);
+  the scale multiplies the fp32 accumulator afterwards (per K block for block scales, once in the epilogue for
+  per-row / per-tensor). Split partials go to an fp32 workspace; the last program of each column tile to arrive
+  (an atomic counter per tile, reset by that program) adds them in split order, so the result is deterministic.
+* ``SMALL_M_MAX < M <= FUSED_MAX_M`` (64): ``_weight_only_gemm_kernel``, a tiled GEMM that dequantizes each
+  weight tile to ``x.dtype`` in registers.
+* ``M > FUSED_MAX_M``: the weight is dequantized once (Triton pass) and cuBLAS runs the bf16 GEMM, because at
+  large M converting the weight inside every output tile costs more than that pass.
 
 Scale layouts: per tensor ``(1, 1)``, per row ``(N, 1)``, block ``(N // b, K // b)`` (``BLOCK_K`` divides ``b``,
 so a K step reads one scale per output row). Ragged M, N and K are masked.
@@ -22,6 +32,8 @@ from lrq_ao.kernels._gemm_common import autotune_bench, config, grid_1d, grouped
 from lrq_ao.kernels._runtime import check_contiguous_last, check_device, launchable, m_bucket
 
 SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2
+# Up to this batch size the split-K GEMV runs (all rows in one 16-row MMA block).
+SMALL_M_MAX = 16
 # Above this batch size the weight is dequantized once and cuBLAS runs the bf16 GEMM (see weight_only_linear).
 FUSED_MAX_M = 64
 
@@ -113,6 +125,213 @@ _weight_only_gemm_tuned = triton.autotune(
     key=["N", "K", "M_BUCKET", "SCALE_MODE", "SCALE_BLOCK", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": _prune},
 )(_weight_only_gemm_kernel)
+
+
+# ---- small M: split-K GEMV on swapped operands ---------------------------------------------------------------
+
+SMALL_M_BLOCK = 16  # the narrowest MMA operand Triton's tl.dot takes; every M <= SMALL_M_MAX fits one block
+MAX_SPLIT_K = 8
+MAX_TILE_COUNTERS = 4096  # column tiles a split launch may have (N <= 4096 * BLOCK_N); more -> no split
+MIN_PROGRAMS, MAX_PROGRAMS = 128, 2048  # about one to sixteen programs per SM on an H100 (132 SMs)
+
+
+def small_m_config(block_n: int, block_k: int, split_k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k}, num_warps=warps, num_stages=stages
+    )
+
+
+SMALL_M_CONFIGS = [
+    small_m_config(block_n, block_k, split_k, warps, stages)
+    for block_n, block_k, warps, stages in [
+        (32, 128, 4, 4),
+        (32, 256, 4, 4),
+        (64, 128, 4, 4),
+        (64, 256, 4, 3),
+        (128, 128, 4, 4),
+        (128, 256, 8, 3),
+    ]
+    for split_k in (1, 2, 4, 8)
+]
+
+
+def _prune_small_m(configs, named_args, **kwargs):
+    """Keep the launches that fill the GPU without starving each split of K steps."""
+    n, k = named_args["N"], named_args["K"]
+    mode = kwargs.get("SCALE_MODE", named_args.get("SCALE_MODE"))
+    scale_block = kwargs.get("SCALE_BLOCK", named_args.get("SCALE_BLOCK"))
+
+    def programs(c):
+        return triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"]
+
+    def fits(c):
+        block_k, split_k = c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]
+        if mode == SCALE_BLOCK and scale_block % block_k:
+            return False
+        too_many_tiles = triton.cdiv(n, c.kwargs["BLOCK_N"]) > MAX_TILE_COUNTERS
+        return split_k == 1 or not (too_many_tiles or k < 2 * split_k * block_k)
+
+    usable = [c for c in configs if fits(c)]
+    if not usable:
+        return [small_m_config(32, scale_block if mode == SCALE_BLOCK else 128, 1, 4, 4)]
+    kept = [c for c in usable if MIN_PROGRAMS <= programs(c) <= MAX_PROGRAMS]
+    return kept or [max(usable, key=programs)]
+
+
+@triton.jit
+def _store_columns(c_ptr, bias_ptr, acc, offs_n, offs_m, safe_n, mask, stride_cm, HAS_BIAS: tl.constexpr):
+    """Store the (BLOCK_N, BLOCK_M) accumulator, plus bias, as rows ``offs_m`` of ``c`` (the product's transpose)."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + safe_n).to(tl.float32)[:, None]
+    c_ptrs = c_ptr + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# M is not specialized: M == 1 would otherwise compile (and autotune) a separate kernel for no gain.
+@triton.jit(do_not_specialize=["M"])
+def _small_m_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    bias_ptr,
+    c_ptr,
+    partial_ptr,
+    counter_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_cm,
+    stride_sn,
+    M_BUCKET,
+    SPLIT_K,
+    SCALE_MODE: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_IN_F32: tl.constexpr = False,
+):
+    """``c.T[n-tile] = sum over this program's K range of wq[n-tile] @ x.T``, scaled; M <= 16.
+
+    Program (pid_n, pid_k) streams a ``BLOCK_N x (K / SPLIT_K)`` slab of the weight exactly once.
+    """
+    BLOCK_M: tl.constexpr = 16
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    safe_n = offs_n % N
+    m_valid = offs_m < M
+    steps_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_begin = pid_k * steps_per_split * BLOCK_K
+    k_end = tl.minimum(K, k_begin + steps_per_split * BLOCK_K)
+    w_ptrs = w_ptr + safe_n[:, None].to(tl.int64) * stride_wn + (k_begin + offs_k)[None, :]
+    xt_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (k_begin + offs_k)[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for step in range(0, tl.cdiv(k_end - k_begin, BLOCK_K)):
+        k0 = k_begin + step * BLOCK_K
+        # Compared with a multiple of 16 (K is, in practice), the mask keeps 16-byte vector loads.
+        k_mask = offs_k < K - k0
+        # Rows of x beyond M are masked, not re-read: at M = 1 that is 1/16 of the activation traffic.
+        xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_valid[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+        if DOT_IN_F32:
+            # Triton's interpreter mis-multiplies bfloat16 operands (and mis-converts int8 to bfloat16); the values
+            # are exact in float32.
+            w = w.to(tl.float32)
+            xt = xt.to(tl.float32)
+        else:
+            # int8 and e4m3 values are exact in bf16 / fp16: the scale is applied to the fp32 sums instead.
+            w = w.to(xt.dtype)
+        if SCALE_MODE == 2:
+            block_scale = tl.load(s_ptr + (safe_n // SCALE_BLOCK) * stride_sn + k0 // SCALE_BLOCK)
+            acc += tl.dot(w, xt) * block_scale[:, None]
+        else:
+            acc = tl.dot(w, xt, acc)
+        w_ptrs += BLOCK_K
+        xt_ptrs += BLOCK_K
+    if SCALE_MODE == 0:
+        acc *= tl.load(s_ptr)
+    elif SCALE_MODE == 1:
+        acc *= tl.load(s_ptr + safe_n * stride_sn)[:, None]
+    mask = (offs_n < N)[:, None] & m_valid[None, :]
+    if SPLIT_K == 1:
+        _store_columns(c_ptr, bias_ptr, acc, offs_n, offs_m, safe_n, mask, stride_cm, HAS_BIAS)
+    else:
+        # partial[split, m, n]
+        p_ptrs = partial_ptr + (pid_k * M + offs_m[None, :]).to(tl.int64) * N + offs_n[:, None]
+        tl.store(p_ptrs, acc, mask=mask)
+        # Every thread's partial must be written before the counter's release publishes it.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            # Last split of this column tile: add all partials in split order (deterministic), reset the counter.
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for split in range(0, SPLIT_K):
+                p_ptrs = partial_ptr + (split * M + offs_m[None, :]).to(tl.int64) * N + offs_n[:, None]
+                total += tl.load(p_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            _store_columns(c_ptr, bias_ptr, total, offs_n, offs_m, safe_n, mask, stride_cm, HAS_BIAS)
+            tl.store(counter_ptr + pid_n, 0)
+
+
+_small_m_tuned = triton.autotune(
+    configs=SMALL_M_CONFIGS,
+    do_bench=autotune_bench,
+    key=["N", "K", "M_BUCKET", "SCALE_MODE", "SCALE_BLOCK", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": _prune_small_m},
+)(_small_m_kernel)
+
+_tile_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def tile_counters(device: torch.device) -> torch.Tensor:
+    """Zeroed int32 arrival counters for split launches on the current stream (each launch leaves them zero).
+
+    One buffer per stream, so launches on concurrent streams never share counters.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    if key not in _tile_counters:
+        _tile_counters[key] = torch.zeros(MAX_TILE_COUNTERS, dtype=torch.int32, device=device)
+    return _tile_counters[key]
+
+
+def cpu_config(k: int, mode: int, sblock: int) -> dict[str, int]:
+    """The interpreter's configuration: up to 3 (uneven) K ranges, so CPU tests cover the split reduction."""
+    block_k = min(32, sblock) if mode == SCALE_BLOCK else 32
+    return {"BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": max(1, min(3, triton.cdiv(k, block_k) // 2))}
+
+
+def small_m_linear(x, wq, w_scale, mode: int, sblock: int, bias, out, config: dict[str, int] | None = None):
+    """Launch ``_small_m_kernel`` into ``out`` (M <= 16) and return it.
+
+    On CUDA the configuration is autotuned unless ``config`` (``BLOCK_N``, ``BLOCK_K``, ``SPLIT_K``, optionally
+    ``num_warps`` / ``num_stages``) fixes it; on CPU (interpreter) ``config`` defaults to ``cpu_config``.
+    """
+    m, k = x.shape
+    n = wq.shape[0]
+    device = x.device
+    args = (x, wq, w_scale, bias if bias is not None else out, out)
+    sizes = (m, n, k, x.stride(0), wq.stride(0), out.stride(0), w_scale.stride(0), m_bucket(m))
+    meta = {"SCALE_MODE": mode, "SCALE_BLOCK": sblock, "HAS_BIAS": bias is not None}
+    counters = tile_counters(device)
+    if device.type == "cuda" and config is None:
+        partial = torch.empty((MAX_SPLIT_K, m, n), dtype=torch.float32, device=device)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+        _small_m_tuned[grid](*args, partial, counters, *sizes, **meta)
+        return out
+    config = config or cpu_config(k, mode, sblock)
+    if config["SPLIT_K"] > 1 and triton.cdiv(n, config["BLOCK_N"]) > MAX_TILE_COUNTERS:
+        raise ValueError(f"small_m_linear: N={n} has more column tiles than {MAX_TILE_COUNTERS} split counters")
+    partial = torch.empty((config["SPLIT_K"], m, n), dtype=torch.float32, device=device)
+    grid = (triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
+    launchable(_small_m_kernel, device)[grid](
+        *args, partial, counters, *sizes, **meta, **config, DOT_IN_F32=device.type == "cpu"
+    )
+    return out
 
 
 @triton.jit
@@ -219,6 +438,9 @@ def weight_only_linear(
     out = torch.empty((m, n), dtype=x.dtype, device=device)
     if m == 0:
         return out
+    if m <= SMALL_M_MAX:
+        # Memory-bound: the split-K GEMV streams the 8-bit weight once across every SM.
+        return small_m_linear(x, wq, w_scale, mode, sblock, bias, out)
     args = (x, wq, w_scale, bias if bias is not None else out, out, m, n, k)
     args += (x.stride(0), wq.stride(0), out.stride(0), w_scale.stride(0), m_bucket(m))
     meta = {"SCALE_MODE": mode, "SCALE_BLOCK": sblock, "HAS_BIAS": bias is not None}
