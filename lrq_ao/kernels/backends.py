@@ -9,7 +9,7 @@ first time a backend accepts an input. ``weight.describe(x)`` shows the choice a
 | ``triton_fp8_scaled_mm`` | FP8 per-tensor / row | dynamic tensor / row | ``act_quant`` + ``_scaled_mm`` | 120 |
 | ``triton_w8a8_block`` | INT8 / FP8 block b x b | dynamic 1 x b | ``block_gemm`` | 120 |
 | ``triton_w8a8_row`` | INT8 / FP8 per-tensor / per-row | dynamic row (tensor) | ``row_gemm`` | 115 |
-| ``triton_weight_only`` | INT8 / FP8, any layout | bf16 / fp16 | ``weight_only_gemm`` | 95 |
+| ``triton_weight_only`` | INT8 / FP8, any layout | bf16 / fp16 | ``weight_only_gemm`` | 105 |
 
 The TORCH backends of ``lrq_ao.layouts.linear`` sit at 110 (``_scaled_mm`` / ``_int_mm``) and 100 (weight-only).
 Priorities follow the H100 measurements in ``benchmarks/RESULTS.md`` (compiled single linears, plain timing):
@@ -19,8 +19,10 @@ quantizes the activation, where the TORCH backend's plain-torch quantization is 
 ``torch.compile`` under ``kernel='auto'`` it steps aside for ``torch_scaled_mm``, whose quantization Inductor fuses
 with the op that produced the activation (H100, 3072 -> 9216 at M = 4608, CUDA graphs: 222 us = 1.66x bf16,
 torchao PerRow 243 us; DEVELOPMENT.md "Kernels"). The choice reads whether a graph is being compiled, never M;
-the weight-only kernel ranks *below* ``torch_weight_only`` because, with Python overhead included, it was slower
-at every measured M (its GPU-only time was not measured). ``kernel='triton'`` still selects it. On CPU the kernels
+the weight-only kernel ranks *above* ``torch_weight_only`` because its split-K small-M path beat bf16 at M <= 16 on
+all 7 Flux / T5 shapes (INT8 per-row 1.31-1.78x, FP8 1.14-1.49x) where ``torch_weight_only`` runs at ~0.45x, and at
+M = 64 its tiled path (0.55-1.21x bf16) still beat the dequantize + cuBLAS route (0.40x; H100, CUDA-graph kernel
+times, ``benchmarks/dev_weight_only.py``, DEVELOPMENT.md "Weight-only at small M"). On CPU the kernels
 run only through Triton's interpreter, only when ``TRITON_INTERPRET=1`` and only for ``kernel='triton'`` (never
 under ``auto``: the interpreter is a test tool, far slower than the TORCH backends).
 """
@@ -157,7 +159,7 @@ BACKENDS = [
     (LinearBackend("triton_fp8_scaled_mm", KernelChoice.TRITON, _fp8_scaled_mm_refusal, _run_fp8_scaled_mm), 120),
     (LinearBackend("triton_w8a8_block", KernelChoice.TRITON, _w8a8_block_refusal, _run_w8a8_block), 120),
     (LinearBackend("triton_w8a8_row", KernelChoice.TRITON, _w8a8_row_refusal, _run_w8a8_row), 115),
-    (LinearBackend("triton_weight_only", KernelChoice.TRITON, _weight_only_refusal, _run_weight_only), 95),
+    (LinearBackend("triton_weight_only", KernelChoice.TRITON, _weight_only_refusal, _run_weight_only), 105),
 ]
 
 for _backend, _priority in BACKENDS:
