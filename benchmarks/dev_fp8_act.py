@@ -141,7 +141,7 @@ def exactness(k: int, n_fns: int = 2) -> list[tuple[str, int, int]]:
     for act in (ROW, TENSOR):
         q_ref, s_ref = quantize_activation(x.cpu(), FP8_DTYPE, act)
         fns = [("fusable", quantize_activation_fusable), ("fp32div", quantize_activation)][:n_fns]
-        for name, fn in [*fns, ("eager_cuda_reference", None)]:
+        for name, fn in [*fns, ("eager_cuda_ref", None)]:
             if fn is None:
                 q, s = quantize_activation(x, FP8_DTYPE, act)
             else:
@@ -149,6 +149,16 @@ def exactness(k: int, n_fns: int = 2) -> list[tuple[str, int, int]]:
             bad_q = int((q.cpu().view(torch.uint8) != q_ref.view(torch.uint8)).sum())
             rows.append((f"{name}/{act.granularity} K={k}", bad_q, int((s.cpu() != s_ref).sum())))
     return rows
+
+
+def compiled_auto_backend() -> str:
+    """Which FP8 path ``kernel='auto'`` compiles to: the opaque Triton op or the fused TORCH backend."""
+    from torch._inductor.utils import run_and_get_code
+
+    w = Float8Tensor.from_hp(torch.randn(256, 128, device="cuda").bfloat16(), "row", act=ROW)
+    x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+    _, code = run_and_get_code(compiled(_linear), x, w, None)
+    return "triton_fp8_scaled_mm (opaque op)" if "fp8_scaled_mm_linear" in "\n".join(code) else "torch_scaled_mm"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                     found = exactness(k, 1 if args.quick else 2)
                 for what, bad_q, bad_s in found:
                     print(f"  {what:<24} {bad_q:>8} {bad_s:>6}", flush=True)
+            print(f"compiled kernel='auto' FP8 row linear runs: {compiled_auto_backend()}", flush=True)
         for shape in [] if args.exactness_only else args.shapes:
             k, n = (int(v) for v in shape.split("x"))
             torch.manual_seed(0)

@@ -17,8 +17,9 @@ the Triton W8A8 row GEMM beat the ``_int_mm`` path at M >= 4608 and block-wise W
 those rank first. FP8 dynamic: outside ``torch.compile`` ``triton_fp8_scaled_mm`` ranks first (one Triton pass
 quantizes the activation, where the TORCH backend's plain-torch quantization is several eager kernels); inside
 ``torch.compile`` under ``kernel='auto'`` it steps aside for ``torch_scaled_mm``, whose quantization Inductor fuses
-with the op that produced the activation (H100, 3072 -> 9216 at M = 4608, CUDA graphs: 222 us = 1.66x bf16,
-torchao PerRow 243 us; DEVELOPMENT.md "Kernels"). The choice reads whether a graph is being compiled, never M;
+with the op that produced the activation; alone (no producer to fuse) the two took the same time on the H100 (279
+vs 280 us at 3072 -> 9216, M = 4608; DEVELOPMENT.md "Kernels"). The choice reads whether a graph is being traced,
+never M;
 the weight-only kernel ranks *above* ``torch_weight_only`` because its split-K small-M path beat bf16 at M <= 16 on
 all 7 Flux / T5 shapes (INT8 per-row 1.31-1.78x, FP8 1.14-1.49x) where ``torch_weight_only`` runs at ~0.45x, and at
 M = 64 its tiled path (0.55-1.21x bf16) still beat the dequantize + cuBLAS route (0.40x; H100, CUDA-graph kernel
@@ -38,6 +39,7 @@ from lrq_ao.layouts.activation import KernelChoice
 from lrq_ao.layouts.linear import (
     LinearBackend,
     is_per_tensor_or_row,
+    is_traced_for_compile,
     register_linear_backend,
     scaled_mm_operand_refusal,
 )
@@ -83,7 +85,7 @@ def _fp8_scaled_mm_refusal(x, weight, bias):
         return refusal
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"activations must be bfloat16 or float16, got {x.dtype}"
-    if weight.kernel is KernelChoice.AUTO and torch.compiler.is_compiling():
+    if weight.kernel is KernelChoice.AUTO and is_traced_for_compile(x):
         return "inside torch.compile, kernel='auto' leaves FP8 to torch_scaled_mm, whose quantization Inductor fuses"
     return _accept(_device_refusal(x, weight))
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from lrq_ao.layouts.activation import (
     KernelChoice,
@@ -165,6 +166,15 @@ def _emulated_refusal(x, weight, bias):
 
 def _run_emulated(x, weight, bias):
     return emulated_linear(x, weight.qdata, weight.scale, weight.block_size, weight.act, bias)
+
+
+def is_traced_for_compile(x: torch.Tensor) -> bool:
+    """Whether this linear is being traced into a ``torch.compile`` graph rather than run.
+
+    ``torch.compiler.is_compiling()`` alone misses one case: torch 2.11 traces a tensor subclass's
+    ``__torch_dispatch__`` during AOTAutograd with it false (seen on the H100: ``kernel='auto'`` still compiled the
+    opaque Triton op). The inputs are fake tensors there, and only there."""
+    return torch.compiler.is_compiling() or is_fake(x)
 
 
 def _cuda_capability_refusal(x: torch.Tensor, minimum: tuple[int, int], what: str) -> str | None:

@@ -19,6 +19,7 @@ from lrq_ao.layouts import (
     select_linear_backend,
     unregister_linear_backend,
 )
+from lrq_ao.layouts.linear import ensure_plugin_backends
 from lrq_ao.primitives import sqnr
 
 DYNAMIC_ROW = ActivationMode("dynamic", "row")
@@ -163,6 +164,21 @@ def test_scaled_mm_backend_compiled_equals_eager_with_fused_quantization():
     assert torch.equal(y, backend.run(x * 2, w, bias))
     code = "\n".join(code)
     assert "_scaled_mm" in code and "lrq_ao" not in code  # no opaque op: Inductor sees the quantization
+
+
+def test_auto_leaves_fp8_to_the_fusable_torch_backend_while_traced():
+    """AOTAutograd traces the subclass with fake inputs (and, on torch 2.11, ``is_compiling()`` false)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ensure_plugin_backends()
+    triton_fp8 = _backend("triton_fp8_scaled_mm")
+    x = _x()
+    for kernel, expect_step_aside in ((KernelChoice.AUTO, True), (KernelChoice.TRITON, False)):
+        w = Float8Tensor.from_hp(_w(), "row", act=DYNAMIC_ROW, kernel=kernel)
+        assert "inside torch.compile" not in (triton_fp8.supports(x, w, None) or "")
+        with FakeTensorMode() as mode:
+            traced = triton_fp8.supports(mode.from_tensor(x), w, None) or ""
+        assert ("inside torch.compile" in traced) == expect_step_aside, traced
 
 
 @pytest.mark.skipif(_cuda_capability() < (8, 9), reason="torch._scaled_mm FP8 needs CUDA SM >= 8.9")
