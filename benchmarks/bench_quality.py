@@ -12,8 +12,9 @@ against float32 on the held-out evaluation sentences (calibration sentences are 
   ours         GPTQ start + exact greedy coordinate refinement of tr(E H Eᵀ), H shrunk towards its diagonal
                by K / (K + calibration tokens)
   ours_seq     ``ours`` run stage by stage (q/k/v, attention output, intermediate, output of each layer) on the
-               partially quantized model's inputs, against the float model's outputs (drift-aware objective);
-               each calibration batch runs once (``--sequential-replay``: re-run the model for every stage)
+               partially quantized model's inputs, against the float model's outputs (drift-aware objective, the
+               drift scaled per layer by its James-Stein trust; ``--drift-trust`` fixes it); each calibration batch
+               runs once (``--sequential-replay``: re-run the model for every stage). ``lrq_ao.quantize_sequential``
 
 Quantization goes through the product path, ``lrq_ao.quantize_`` (weight-only, float32 activations on CPU), so
 the numbers isolate rounding.
