@@ -4,8 +4,8 @@ The objective is the reference tool's own: ``‖U_kᵀ (W_dq − W) V_k‖`` wit
 max_k 1280), evaluated for both results with the same exact top-k singular vectors (full SVD, not timed). The
 reference is ``convert_to_quant`` 1.3.4's ``LearnedRoundingConverter`` with its CLI defaults (Prodigy, 4000
 iterations, lr 1.0, plateau schedule); ours is ``lrq_ao.rounding.quantize_weight`` with the same objective and
-the ``parallel`` relaxation (no calibration; ``--iters`` iterations, 20 by default: measured, FP8 reaches its
-final objective to 4 digits in 10, INT8 in 20). The 12B projection sums our measured per-shape time over Flux.1's
+the ``parallel`` relaxation (no calibration; ``--iters`` iterations, 20 by default: measured, both formats reach
+their final objective to 4 digits in 20). The 12B projection sums our measured per-shape time over Flux.1's
 linear layers (19 double blocks, 38 single blocks); "batched" times ``quantize_weights`` on ``--batch`` same-shape
 layers at once and divides by their number.
 
