@@ -201,8 +201,9 @@ class _CannotCache(ValueError):
     """The model does something the cached path cannot follow; the message says what, and to use cache_inputs=False."""
 
 
-class _Stopped(Exception):
-    """Raised inside a paused forward pass to unwind it when its statistics are no longer needed."""
+class _Stopped(BaseException):
+    """Raised inside a paused forward pass to unwind it when its statistics are no longer needed (a BaseException,
+    so that a model's own ``except Exception`` does not swallow it)."""
 
 
 class _PausedForward:
@@ -239,6 +240,8 @@ class _PausedForward:
 
     # -- in the pass's thread, from a linear's pre-hook ------------------------------------------------------
     def at_linear(self, name: str, stage: int, x: torch.Tensor, leads: bool) -> None:
+        if self._stop:
+            raise _Stopped
         if name in self._ran:
             raise _CannotCache(
                 f"quantize_sequential: {name!r} ran twice in one forward pass; sequential quantization pairs each "
