@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from lrq_ao.layouts.activation import (
     KernelChoice,
@@ -122,9 +122,15 @@ def select_linear_backend(
 
 
 def describe_selection(x: torch.Tensor, weight: QuantizedWeightTensor, bias: torch.Tensor | None = None) -> str:
+    """The backend an input like ``x`` takes when run, every refusal, and a last line naming the backend inside
+    ``torch.compile`` when that differs (selected as a traced call: with a fake copy of ``x``)."""
     backend, refusals = select_linear_backend(x, weight, bias)
     lines = [f"{type(weight).__name__} {weight.layout_name} act={weight.act} kernel={weight.kernel}: {backend.name}"]
     lines += [f"  {name} refused: {reason}" for name, reason in refusals]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        traced, _ = select_linear_backend(mode.from_tensor(x), weight, bias)
+    if traced.name != backend.name:
+        lines.append(f"  under torch.compile: {traced.name}")
     return "\n".join(lines)
 
 

@@ -107,6 +107,20 @@ def test_registered_backend_wins_by_priority_and_refusal_falls_through(fake_back
         F.linear(x, _with_kernel(w, "triton"))
 
 
+def test_describe_names_the_backend_a_compiled_graph_takes_when_it_differs(fake_backend):
+    from lrq_ao.layouts.linear import is_traced_for_compile
+
+    _, state = fake_backend
+    w = Int8Tensor.from_hp(_w(), "row", act=DYNAMIC_ROW)
+    assert "under torch.compile" not in w.describe(_x())
+    refuse_when_traced = LinearBackend(
+        "test_fake_triton", KernelChoice.TRITON, lambda x, w, b: "traced" if is_traced_for_compile(x) else None, None
+    )
+    register_linear_backend(refuse_when_traced, priority=10_000)  # replaced by the fixture's teardown
+    assert w.describe(_x()).splitlines()[0].endswith(": test_fake_triton")
+    assert w.describe(_x()).splitlines()[-1] == "  under torch.compile: emulated"
+
+
 def test_selection_does_not_depend_on_batch_size():
     for t in (Int8Tensor.from_hp(_w(), "row", act=DYNAMIC_ROW), Float8Tensor.from_hp(_w(), "tensor")):
         names = {select_linear_backend(_x(m), t)[0].name for m in (1, 16, 17, 300)}
