@@ -80,6 +80,32 @@ def test_paired_statistics_describe_the_drift_from_the_reference():
     assert float(calib.stats("q").drift_h.abs().max()) == 0.0
 
 
+def test_paired_half_statistics_cover_every_other_fitting_call():
+    # Calls 3 and 6 are held out; the fitting calls 1, 2, 4, 5, 7 are numbered 1..5 and the odd ones (calls 1, 4, 7)
+    # form the half that measures the noise of E[d xᵀ] (sequential.drift_trust_factor).
+    torch.manual_seed(0)
+    reference = Attn()
+    model = Attn()
+    model.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        model.q.weight.add_(0.1)
+    got_ref, got_q = [], []
+    h1 = reference.o.register_forward_pre_hook(lambda m, a: got_ref.append(a[0].reshape(-1, 8)))
+    h2 = model.o.register_forward_pre_hook(lambda m, a: got_q.append(a[0].reshape(-1, 8)))
+    with torch.no_grad(), calibrate(model, reference=reference, holdout_every=3) as calib:
+        for x in _inputs(2, batches=7):
+            reference(x)
+            model(x)
+    h1.remove()
+    h2.remove()
+    half = [0, 3, 6]  # calls 1, 4, 7
+    xr, xq = torch.cat([got_ref[i] for i in half]).double(), torch.cat([got_q[i] for i in half]).double()
+    st = calib.stats("o")
+    assert (st.count, st.count_half, st.count_holdout) == (50, 30, 20)
+    torch.testing.assert_close(st.cross_half.double(), (xr - xq).T @ xq / xq.shape[0], rtol=1e-4, atol=1e-6)
+    assert calib.stats("q").cross_half is not None and float(calib.stats("q").cross_half.abs().max()) == 0.0
+
+
 def test_paired_order_is_enforced():
     model, reference = Attn(), Attn()
     with pytest.raises(RuntimeError, match="reference"), torch.no_grad(), calibrate(model, reference=reference):
