@@ -25,6 +25,9 @@ matrices). Requirements: each linear runs at most once per forward pass (both pa
 float model's once per pass), and the stages run in the order the first batch showed with each stage's linears
 reading one tensor (true of feed-forward networks); otherwise a ``ValueError`` says so, and for the second
 ``cache_inputs=False`` (re-run the model for every stage: one calibration pass per stage) handles the model.
+``forward`` runs on those threads under ``torch.no_grad()`` with the caller's current CUDA device; other
+thread-local settings around the call (``torch.autocast``, a CUDA stream) do not reach it: set them inside
+``forward``.
 """
 
 from __future__ import annotations
@@ -221,6 +224,8 @@ class _PausedForward:
         self._error: BaseException | None = None
         self._stop = False
         self._go, self._paused = threading.Semaphore(0), threading.Semaphore(0)
+        # The current CUDA device is per thread; carry the caller's over (without initializing CUDA).
+        self._cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
         self._thread = threading.Thread(target=self._main, args=(model, batch, forward), daemon=True)
         self._thread.start()
 
@@ -229,6 +234,8 @@ class _PausedForward:
         self._go.acquire()
         try:
             if not self._stop:
+                if self._cuda_device is not None:
+                    torch.cuda.set_device(self._cuda_device)
                 with torch.no_grad():  # grad mode is per thread
                     forward(model, batch)
         except _Stopped:
