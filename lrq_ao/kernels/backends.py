@@ -19,8 +19,13 @@ quantizes the activation, where the TORCH backend's plain-torch quantization is 
 ``torch.compile`` under ``kernel='auto'`` it steps aside for ``torch_scaled_mm``, whose quantization Inductor fuses
 with the op that produced the activation; alone (no producer to fuse) the two took the same time on the H100 (279
 vs 280 us at 3072 -> 9216, M = 4608; DEVELOPMENT.md "Kernels"). The choice reads whether a graph is being traced,
-never M;
-the weight-only kernel ranks *above* ``torch_weight_only`` because its split-K small-M path beat bf16 at M <= 16 on
+never M.
+The W8A8 row and block backends do the same inside ``torch.compile``: the activation is quantized by that fusable
+plain-torch code and only the GEMM (``row_scaled_gemm`` / ``block_scaled_gemm``) is an opaque op; eagerly the
+``*_scaled_linear`` ops quantize with one Triton pass. Both quantizations are bit-identical to the reference, so
+eager and compiled results agree. Why: the Triton activation pass was the INT8 paths' bottleneck on the H100 at
+M = 4608 (per-row K = 12288: 194 us where one read + one write is ~57 us; DEVELOPMENT.md "INT8 W8A8 tuning").
+The weight-only kernel ranks *above* ``torch_weight_only`` because its split-K small-M path beat bf16 at M <= 16 on
 all 7 Flux / T5 shapes (INT8 per-row 1.31-1.78x, FP8 1.14-1.49x) where ``torch_weight_only`` runs at ~0.45x, and at
 M = 64 its tiled path (0.55-1.21x bf16) still beat the dequantize + cuBLAS route (0.40x; H100, CUDA-graph kernel
 times, ``benchmarks/dev_weight_only.py``, DEVELOPMENT.md "Weight-only at small M"). On CPU the kernels
@@ -35,7 +40,7 @@ import importlib
 import torch
 
 from lrq_ao.kernels._runtime import fp8_compute_refusal, triton_refusal
-from lrq_ao.layouts.activation import KernelChoice
+from lrq_ao.layouts.activation import KernelChoice, quantize_activation_fusable
 from lrq_ao.layouts.linear import (
     LinearBackend,
     is_per_tensor_or_row,
@@ -110,8 +115,17 @@ def _w8a8_row_refusal(x, weight, bias):
 
 def _run_w8a8_row(x, weight, bias):
     scale = weight.scale if weight.block_size[0] == 1 else weight.scale.reshape(1, 1)
-    y = torch.ops.lrq_ao.row_scaled_linear(_as_2d(x), weight.qdata, scale, bias, weight.act.granularity)
+    x2d = _as_2d(x)
+    if is_traced_for_compile(x):
+        xq, x_scale = quantize_activation_fusable(x2d, weight.qdtype, weight.act)
+        y = torch.ops.lrq_ao.row_scaled_gemm(xq, x_scale, weight.qdata, scale, bias, _dtype_name(x.dtype))
+    else:
+        y = torch.ops.lrq_ao.row_scaled_linear(x2d, weight.qdata, scale, bias, weight.act.granularity)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # ---- W8A8 block-wise ----------------------------------------------------------------------------------------
@@ -132,7 +146,14 @@ def _w8a8_block_refusal(x, weight, bias):
 
 
 def _run_w8a8_block(x, weight, bias):
-    y = torch.ops.lrq_ao.block_scaled_linear(_as_2d(x), weight.qdata, weight.scale, weight.block_size[1], bias)
+    x2d, block = _as_2d(x), weight.block_size[1]
+    if is_traced_for_compile(x):
+        xq, x_scale = quantize_activation_fusable(x2d, weight.qdtype, weight.act)
+        y = torch.ops.lrq_ao.block_scaled_gemm(
+            xq, x_scale, weight.qdata, weight.scale, block, bias, _dtype_name(x.dtype)
+        )
+    else:
+        y = torch.ops.lrq_ao.block_scaled_linear(x2d, weight.qdata, weight.scale, block, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
