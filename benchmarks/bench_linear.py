@@ -158,10 +158,17 @@ def lrq_methods(linear: torch.nn.Linear, x_probe: torch.Tensor, only) -> dict:
         if only and name not in only:
             continue
         first, weight = build(*spec)
-        backend = weight.describe(x_probe).splitlines()[0].rsplit(": ", 1)[1]
+        backend = compiled_backend(weight.describe(x_probe))
         calls = [first] + [build(*spec)[0] for _ in range(copies_for(weight_bytes(weight)) - 1)]
         methods[name] = (calls, weight, backend)
     return methods
+
+
+def compiled_backend(described: str) -> str:
+    """The backend a compiled graph runs: describe()'s 'under torch.compile' line when it differs from eager."""
+    lines = described.splitlines()
+    compiled_line = [line for line in lines if line.strip().startswith("under torch.compile")]
+    return (compiled_line or lines)[0].rsplit(": ", 1)[1]
 
 
 def bf16_methods(linear: torch.nn.Linear) -> dict:
@@ -346,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", help="method names to keep, 'ceilings' for both (bf16 always kept)")
     parser.add_argument("--csv", default="bench_linear.csv")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (shapes compile in parallel)")
+    parser.add_argument("--gpu-lock", help="lock file shared with other benchmark processes (e.g. bench_block.py)")
+    parser.add_argument("--worker-dir", help="keep the workers' logs and CSVs here (they survive a timeout)")
     parser.add_argument("--lock", help=argparse.SUPPRESS)  # set by the parent for its workers
     parser.add_argument("--copy-gbs", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -365,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.jobs > 1 and len(shapes) > 1:
         run_in_workers(args, shapes, copy_gbs)
         return
-    lock = GpuLock(args.lock)
+    lock = GpuLock(args.lock or args.gpu_lock)
     rows: list[dict] = []
     with open(args.csv, "w", newline="") as f:
         writer = _LazyWriter(f)
@@ -377,8 +386,10 @@ def main(argv: list[str] | None = None) -> None:
 def run_in_workers(args, shapes: list[tuple[int, int]], copy_gbs: float) -> None:
     """One worker process per group of shapes; their tables are printed and their CSVs merged in shape order."""
     groups = [shapes[i :: args.jobs] for i in range(min(args.jobs, len(shapes)))]
-    with tempfile.TemporaryDirectory() as tmp:
-        lock = os.path.join(tmp, "gpu.lock")
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.worker_dir or scratch
+        os.makedirs(tmp, exist_ok=True)
+        lock = args.gpu_lock or os.path.join(tmp, "gpu.lock")
         env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "2"))
         workers = []
         for i, group in enumerate(groups):
