@@ -14,17 +14,17 @@ first time a backend accepts an input. ``weight.describe(x)`` shows the choice a
 The TORCH backends of ``lrq_ao.layouts.linear`` sit at 110 (``_scaled_mm`` / ``_int_mm``) and 100 (weight-only).
 Priorities follow the H100 measurements in ``benchmarks/RESULTS.md`` (compiled single linears, plain timing):
 the Triton W8A8 row GEMM beat the ``_int_mm`` path at M >= 4608 and block-wise W8A8 has no TORCH backend, so
-those rank first. FP8 dynamic: outside ``torch.compile`` ``triton_fp8_scaled_mm`` ranks first (one Triton pass
-quantizes the activation, where the TORCH backend's plain-torch quantization is several eager kernels); inside
-``torch.compile`` under ``kernel='auto'`` it steps aside for ``torch_scaled_mm``, whose quantization Inductor fuses
-with the op that produced the activation; alone (no producer to fuse) the two took the same time on the H100 (279
-vs 280 us at 3072 -> 9216, M = 4608; DEVELOPMENT.md "Kernels"). The choice reads whether a graph is being traced,
-never M.
-The W8A8 row and block backends do the same inside ``torch.compile``: the activation is quantized by that fusable
-plain-torch code and only the GEMM (``row_scaled_gemm`` / ``block_scaled_gemm``) is an opaque op; eagerly the
-``*_scaled_linear`` ops quantize with one Triton pass. Both quantizations are bit-identical to the reference, so
-eager and compiled results agree. Why: the Triton activation pass was the INT8 paths' bottleneck on the H100 at
-M = 4608 (per-row K = 12288: 194 us where one read + one write is ~57 us; DEVELOPMENT.md "INT8 W8A8 tuning").
+those rank first. FP8 dynamic: ``triton_fp8_scaled_mm`` ranks first (it ends in the same cuBLAS call as
+``torch_scaled_mm``, with fast accumulation, but quantizes with one Triton pass where the TORCH backend's
+plain-torch quantization is several eager kernels). An earlier version stepped aside inside ``torch.compile`` for
+``torch_scaled_mm``; the next backend by priority then was ``triton_w8a8_row`` (our FP8 GEMM), slower than cuBLAS
+(H100, M = 4608: 1.41x vs 1.47x bf16 at 3072 -> 9216, 0.98x vs 1.16x at 12288 -> 3072), so it no longer does.
+Inside ``torch.compile`` the FP8 and W8A8 backends quantize wide activations (K >= ``FUSED_QUANT_MIN_K``) with
+the fusable plain-torch code and call only the GEMM (``_scaled_mm`` / ``row_scaled_gemm`` / ``block_scaled_gemm``);
+narrower ones, and every eager call, use the one-pass Triton quantizer. Both quantizations are bit-identical to the
+reference, so eager and compiled results agree. Why: on the H100 the Triton pass is the faster one at K = 3072 and
+the slower one on wide rows (per-row K = 12288: 194 us where one read + one write is ~57 us), see
+``FUSED_QUANT_MIN_K`` and DEVELOPMENT.md "Kernels".
 The weight-only kernel ranks *above* ``torch_weight_only`` because its split-K small-M path beat bf16 at M <= 16 on
 all 7 Flux / T5 shapes (INT8 per-row 1.31-1.78x, FP8 1.14-1.49x) where ``torch_weight_only`` runs at ~0.45x, and at
 M = 64 its tiled path (0.55-1.21x bf16) still beat the dequantize + cuBLAS route (0.40x; H100, CUDA-graph kernel
@@ -46,6 +46,7 @@ from lrq_ao.layouts.linear import (
     is_per_tensor_or_row,
     is_traced_for_compile,
     register_linear_backend,
+    run_scaled_mm,
     scaled_mm_operand_refusal,
 )
 from lrq_ao.primitives import FP8_DTYPE
@@ -81,6 +82,20 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
+# Inside torch.compile, activations with at least this many input features are quantized by the fusable plain-torch
+# code (``quantize_activation_fusable``), narrower ones by the Triton pass. Measured on the H100 (M = 4608, CUDA
+# graphs): at K = 3072 the Triton pass wins (FP8 row + cuBLAS 222 us = 1.66x bf16 vs 265 us = 1.47x fused; INT8 row
+# 3072 -> 21504 1.65x vs 1.53x), at K = 10240-15360 the fused code wins (FP8 1.16-1.22x vs ~1.0x; INT8 row 12288 ->
+# 3072 1.11x vs 0.96x; INT8 block 0.82x vs 0.70x): the Triton pass gives each wide row to one program. K = 4096 was
+# not measured with the Triton pass. The rule reads K (static), never M.
+FUSED_QUANT_MIN_K = 8192
+
+
+def quantize_in_graph(x: torch.Tensor, weight) -> bool:
+    """Whether this call's activation quantization is emitted as plain torch ops into the compiled graph."""
+    return weight.shape[1] >= FUSED_QUANT_MIN_K and is_traced_for_compile(x)
+
+
 # ---- FP8 dynamic: Triton activation quantization + cuBLAS ---------------------------------------------------
 
 
@@ -90,12 +105,12 @@ def _fp8_scaled_mm_refusal(x, weight, bias):
         return refusal
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"activations must be bfloat16 or float16, got {x.dtype}"
-    if weight.kernel is KernelChoice.AUTO and is_traced_for_compile(x):
-        return "inside torch.compile, kernel='auto' leaves FP8 to torch_scaled_mm, whose quantization Inductor fuses"
     return _accept(_device_refusal(x, weight))
 
 
 def _run_fp8_scaled_mm(x, weight, bias):
+    if quantize_in_graph(x, weight):  # plain-torch quantization + the same cuBLAS call (see the docstring)
+        return run_scaled_mm(x, weight, bias)
     y = torch.ops.lrq_ao.fp8_scaled_mm_linear(_as_2d(x), weight.qdata, weight.scale, weight.act.granularity, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -116,7 +131,7 @@ def _w8a8_row_refusal(x, weight, bias):
 def _run_w8a8_row(x, weight, bias):
     scale = weight.scale if weight.block_size[0] == 1 else weight.scale.reshape(1, 1)
     x2d = _as_2d(x)
-    if is_traced_for_compile(x):
+    if quantize_in_graph(x, weight):
         xq, x_scale = quantize_activation_fusable(x2d, weight.qdtype, weight.act)
         y = torch.ops.lrq_ao.row_scaled_gemm(xq, x_scale, weight.qdata, scale, bias, _dtype_name(x.dtype))
     else:
@@ -147,7 +162,7 @@ def _w8a8_block_refusal(x, weight, bias):
 
 def _run_w8a8_block(x, weight, bias):
     x2d, block = _as_2d(x), weight.block_size[1]
-    if is_traced_for_compile(x):
+    if quantize_in_graph(x, weight):
         xq, x_scale = quantize_activation_fusable(x2d, weight.qdtype, weight.act)
         y = torch.ops.lrq_ao.block_scaled_gemm(
             xq, x_scale, weight.qdata, weight.scale, block, bias, _dtype_name(x.dtype)

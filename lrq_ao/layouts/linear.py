@@ -228,7 +228,7 @@ def _scaled_mm_refusal(x, weight, bias):
     return scaled_mm_operand_refusal(x, weight) or _cuda_capability_refusal(x, (8, 9), "torch._scaled_mm")
 
 
-def _run_scaled_mm(x, weight, bias):
+def run_scaled_mm(x, weight, bias):
     n, k = weight.shape
     x2d = x.reshape(-1, k)
     xq, x_scale = quantize_activation_fusable(x2d, FP8_DTYPE, weight.act)
@@ -285,7 +285,7 @@ def _run_int_mm(x, weight, bias):
     return y.reshape(*x.shape[:-1], n)
 
 
-register_linear_backend(LinearBackend("torch_scaled_mm", KernelChoice.TORCH, _scaled_mm_refusal, _run_scaled_mm), 110)
+register_linear_backend(LinearBackend("torch_scaled_mm", KernelChoice.TORCH, _scaled_mm_refusal, run_scaled_mm), 110)
 register_linear_backend(LinearBackend("torch_int_mm", KernelChoice.TORCH, _int_mm_refusal, _run_int_mm), 110)
 register_linear_backend(
     LinearBackend("torch_weight_only", KernelChoice.TORCH, _weight_only_refusal, _run_weight_only), 100

@@ -34,7 +34,7 @@ def _bias(n: int, dtype=torch.bfloat16) -> torch.Tensor:
 
 def _reference(x, wq, ws, block_size, bias):
     y = x.double().cpu() @ dequantize(wq.cpu(), ws.cpu(), block_size).double().t()
-    return y if bias is None else y + bias.double().cpu()
+    return (y if bias is None else y + bias.double().cpu()).to(x.device)
 
 
 @pytest.mark.parametrize("qdtype", [torch.int8, FP8_DTYPE], ids=["int8", "fp8"])

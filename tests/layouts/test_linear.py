@@ -19,7 +19,6 @@ from lrq_ao.layouts import (
     select_linear_backend,
     unregister_linear_backend,
 )
-from lrq_ao.layouts.linear import ensure_plugin_backends
 from lrq_ao.primitives import sqnr
 
 DYNAMIC_ROW = ActivationMode("dynamic", "row")
@@ -153,10 +152,16 @@ def test_int_mm_backend_arithmetic_matches_emulated(m):
     assert torch.equal(y, emulated_linear(x, w.qdata, w.scale, w.block_size, w.act, bias))
 
 
+def _scaled_mm_device() -> str:
+    """CUDA where it runs FP8 (SM >= 8.9); else CPU, whose row-wise ``_scaled_mm`` exists from torch 2.12 on."""
+    return "cuda" if _cuda_capability() >= (8, 9) else "cpu"
+
+
 @pytest.mark.parametrize("layout,granularity", [("tensor", "tensor"), ("row", "row"), ("tensor", "row")])
 def test_scaled_mm_backend_arithmetic_matches_emulated(layout, granularity):
-    w = Float8Tensor.from_hp(_w(), layout, act=ActivationMode("dynamic", granularity))
-    x, bias = _x(), _w(2, (64,))
+    device = _scaled_mm_device()
+    w = Float8Tensor.from_hp(_w().to(device), layout, act=ActivationMode("dynamic", granularity))
+    x, bias = _x().to(device), _w(2, (64,)).to(device)
     y = _backend("torch_scaled_mm").run(x, w, bias)
     expected = emulated_linear(x, w.qdata, w.scale, w.block_size, w.act, bias)
     assert sqnr(expected.double(), y) >= 45  # same quantized operands; only accumulation order differs
@@ -171,8 +176,9 @@ def test_scaled_mm_backend_compiled_equals_eager_with_fused_quantization():
     from torch._inductor.utils import run_and_get_code
 
     backend = _backend("torch_scaled_mm")
-    w = Float8Tensor.from_hp(_w(), "row", act=DYNAMIC_ROW)
-    x, bias = _x(7).reshape(14, 96), _w(2, (64,))
+    device = _scaled_mm_device()
+    w = Float8Tensor.from_hp(_w().to(device), "row", act=DYNAMIC_ROW)
+    x, bias = _x(7).reshape(14, 96).to(device), _w(2, (64,)).to(device)
     fn = torch.compile(lambda x, b: backend.run(x * 2, w, b), fullgraph=True, dynamic=True)
     y, code = run_and_get_code(fn, x, bias)
     assert torch.equal(y, backend.run(x * 2, w, bias))
@@ -180,19 +186,19 @@ def test_scaled_mm_backend_compiled_equals_eager_with_fused_quantization():
     assert "_scaled_mm" in code and "lrq_ao" not in code  # no opaque op: Inductor sees the quantization
 
 
-def test_auto_leaves_fp8_to_the_fusable_torch_backend_while_traced():
+def test_wide_activations_are_quantized_in_graph_only_while_traced():
     """AOTAutograd traces the subclass with fake inputs (and, on torch 2.11, ``is_compiling()`` false)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    ensure_plugin_backends()
-    triton_fp8 = _backend("triton_fp8_scaled_mm")
-    x = _x()
-    for kernel, expect_step_aside in ((KernelChoice.AUTO, True), (KernelChoice.TRITON, False)):
-        w = Float8Tensor.from_hp(_w(), "row", act=DYNAMIC_ROW, kernel=kernel)
-        assert "inside torch.compile" not in (triton_fp8.supports(x, w, None) or "")
-        with FakeTensorMode() as mode:
-            traced = triton_fp8.supports(mode.from_tensor(x), w, None) or ""
-        assert ("inside torch.compile" in traced) == expect_step_aside, traced
+    from lrq_ao.kernels.backends import FUSED_QUANT_MIN_K, quantize_in_graph
+
+    x_narrow, x_wide = _x(), torch.randn(3, FUSED_QUANT_MIN_K, dtype=torch.bfloat16)
+    narrow = Float8Tensor.from_hp(_w(), "row", act=DYNAMIC_ROW)
+    wide = Float8Tensor.from_hp(torch.randn(16, FUSED_QUANT_MIN_K, dtype=torch.bfloat16), "row", act=DYNAMIC_ROW)
+    assert not quantize_in_graph(x_wide, wide)  # eager: the Triton pass
+    with FakeTensorMode() as mode:
+        assert quantize_in_graph(mode.from_tensor(x_wide), wide)
+        assert not quantize_in_graph(mode.from_tensor(x_narrow), narrow)
 
 
 @pytest.mark.skipif(_cuda_capability() < (8, 9), reason="torch._scaled_mm FP8 needs CUDA SM >= 8.9")
@@ -206,14 +212,14 @@ def test_scaled_mm_selected_and_accurate_on_cuda():
     expected = emulated_linear(x, w.qdata, w.scale, w.block_size, w.act)
     assert sqnr(expected.double(), F.linear(x, w)) >= 40
     y, code = run_and_get_code(torch.compile(F.linear, fullgraph=True), x, w)
-    assert "fp8_scaled_mm_linear" not in "\n".join(code)
+    assert "fp8_scaled_mm_linear" in "\n".join(code)  # K = 96 < FUSED_QUANT_MIN_K: the Triton quantizer
     assert sqnr(expected.double(), y) >= 40
 
 
 @pytest.mark.skipif(_cuda_capability() < (7, 5), reason="torch._int_mm needs CUDA")
 def test_int_mm_selected_and_accurate_on_cuda():
-    w = Int8Tensor.from_hp(_w().cuda(), "row", act=DYNAMIC_ROW)
+    w = _with_kernel(Int8Tensor.from_hp(_w().cuda(), "row", act=DYNAMIC_ROW), KernelChoice.TORCH)
     x = _x(3).cuda()
-    assert select_linear_backend(x, w)[0].name == "torch_int_mm"
+    assert select_linear_backend(x, w)[0].name == "torch_int_mm"  # under AUTO the Triton row GEMM ranks first
     expected = emulated_linear(x, w.qdata, w.scale, w.block_size, w.act)
     assert sqnr(expected.double(), F.linear(x, w)) >= 40
