@@ -217,7 +217,8 @@ def test_classes_per_element_type():
 
 def test_dynamic_activation_modes_follow_weight_layout():
     hp = _gaussian(N, K, seed=1)
-    assert LayoutContract.make("fp8", "dynamic", hp).act == ActivationMode("dynamic", "row")  # per token: see activation_mode_for
+    # per token, also for a per-tensor FP8 weight: see activation_mode_for
+    assert LayoutContract.make("fp8", "dynamic", hp).act == ActivationMode("dynamic", "row")
     assert LayoutContract.make("fp8_row", "dynamic", hp).act == ActivationMode("dynamic", "row")
     assert LayoutContract.make("int8_tensor", "dynamic", hp).act == ActivationMode("dynamic", "row")
     assert LayoutContract.make("int8_block", "dynamic", hp).act == ActivationMode("dynamic", "block", BLOCK)
