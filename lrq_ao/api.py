@@ -100,6 +100,13 @@ def quantize_module(module: nn.Linear, config: LearnedRoundingConfig, name: str,
 
     weight = module.weight.detach()
     result = quantize_weight(weight, config, name=f"{name}.weight" if name else "weight", stats=stats)
+    return install_rounded(module, config, name, result)
+
+
+def install_rounded(module: nn.Linear, config: LearnedRoundingConfig, name: str, result: Any) -> dict:
+    """Replace ``module.weight`` by the quantized tensor of ``result`` (a ``RoundedWeight`` of that weight), apply
+    its bias correction, and return the layer's report row."""
+    weight = module.weight.detach()
     act = activation_mode_for(config.activation, config.spec.qdtype, result.block_size, weight.shape)
     qweight = make_weight_tensor(
         result.qdata, result.scale, result.block_size, weight.dtype, act=act, kernel=KernelChoice(config.kernel)
@@ -129,6 +136,9 @@ def quantize_(model: nn.Module, config: LearnedRoundingConfig, filter_fn: Filter
     """Quantize, in place, every ``nn.Linear`` of ``model`` that ``filter_fn(module, name)`` accepts (default:
     all) and whose weight the format can hold. Returns a ``QuantizationReport``.
 
+    Without calibration data, the svd objective with the parallel relaxation rounds same-shape weights together
+    (``lrq_ao.rounding.quantize_weights``); every other method goes one layer at a time.
+
     Raises ``ValueError`` naming the weight if one holds NaN/Inf, and ``TypeError`` if ``config`` is not a
     ``LearnedRoundingConfig``.
     """
@@ -137,27 +147,62 @@ def quantize_(model: nn.Module, config: LearnedRoundingConfig, filter_fn: Filter
     from lrq_ao.rounding import stats_for
 
     report = QuantizationReport()
-    quantized: dict[int, tuple[str, nn.Parameter]] = {}  # id(original weight) -> (first layer, new parameter)
+    todo: list[tuple[str, nn.Linear]] = []  # the layers to quantize, in model order
+    ties: list[tuple[nn.Linear, nn.Linear]] = []  # (module, the earlier module whose weight it shares)
+    first_of: dict[int, tuple[str, nn.Linear]] = {}  # id(original weight) -> the layer that quantizes it
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
         if filter_fn is not None and not filter_fn(module, name):
             report.skipped.append((name, "excluded by filter_fn"))
             continue
-        if id(module.weight) in quantized:  # a tied weight is quantized once and stays tied
-            first, parameter = quantized[id(module.weight)]
-            module.weight = parameter
+        if id(module.weight) in first_of:  # a tied weight is quantized once and stays tied
+            first, owner = first_of[id(module.weight)]
+            ties.append((module, owner))
             report.skipped.append((name, f"shares its weight with {first}, quantized there"))
             continue
-        original = module.weight
         reason = skip_reason(module, config)
         if reason is not None:
             report.skipped.append((name, reason))
             continue
-        stats = stats_for(config.calibration, name, module)
-        report.layers.append(quantize_module(module, config, name, stats))
-        quantized[id(original)] = (name, module.weight)
+        first_of[id(module.weight)] = (name, module)
+        todo.append((name, module))
+    if _rounds_same_shapes_together(config):
+        report.layers = _quantize_same_shapes_together(todo, config)
+    else:
+        report.layers = [quantize_module(m, config, n, stats_for(config.calibration, n, m)) for n, m in todo]
+    for module, owner in ties:
+        module.weight = owner.weight
     return report
+
+
+def _rounds_same_shapes_together(config: LearnedRoundingConfig) -> bool:
+    """``quantize_weights`` batches only the svd objective with the parallel relaxation, without calibration data
+    (with it, each layer has its own statistics)."""
+    from lrq_ao.rounding import resolve_method
+
+    objective, _, relaxation = resolve_method(config, has_stats=False)
+    return config.calibration is None and objective == "svd" and relaxation == "parallel"
+
+
+def _quantize_same_shapes_together(todo: list[tuple[str, nn.Linear]], config: LearnedRoundingConfig) -> list[dict]:
+    """Round each (shape, device, dtype) group of weights with one ``quantize_weights`` call and install the results
+    group by group (so only one group's new tensors exist beside the old weights); rows come back in model order."""
+    from lrq_ao.rounding import quantize_weights
+
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, module) in enumerate(todo):
+        w = module.weight
+        groups.setdefault((tuple(w.shape), str(w.device), w.dtype), []).append(i)
+    rows: list[dict | None] = [None] * len(todo)
+    for members in groups.values():
+        weights = [todo[i][1].weight.detach() for i in members]
+        results = quantize_weights(weights, config, names=[f"{todo[i][0]}.weight" for i in members])
+        del weights
+        for i, result in zip(members, results):
+            name, module = todo[i]
+            rows[i] = install_rounded(module, config, name, result)
+    return rows
 
 
 @register_quantize_module_handler(LearnedRoundingConfig)

@@ -15,7 +15,7 @@ import lrq_ao
 from lrq_ao.api import QuantizationReport, quantize_
 from lrq_ao.config import LearnedRoundingConfig
 from lrq_ao.layouts import Float8Tensor, Int8Tensor
-from lrq_ao.primitives import FORMATS, sqnr
+from lrq_ao.primitives import FORMATS, quantize_rtn, sqnr
 
 # Model-output SQNR floors (dB) vs float64 for the 3-layer MLP below, round-to-nearest weights, weight-only.
 # Measured on this seed: FP8 29.1-29.8 dB, INT8 44.8-45.1 dB; floors ~3-4 dB lower.
@@ -288,3 +288,56 @@ def test_activation_mode_json_form():
     assert_expected_inline(
         json.dumps(mode.to_dict(), sort_keys=True), """{"block": 64, "granularity": "block", "kind": "dynamic"}"""
     )
+
+
+def _exact_svd_loss64(w: torch.Tensor, w_dq: torch.Tensor, rank: int) -> float:
+    """The svd objective ``‖U_kᵀ (W_dq − W) V_k‖`` with the exact top-k singular vectors, float64: a yardstick no
+    random probe of the truncated SVD favours."""
+    u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return float((u[:, :rank].T @ (w_dq.double() - w.double()) @ vh[:rank].T).norm())
+
+
+class Blocks(nn.Module):
+    """Four same-shape projections, one other shape, a tied head and a layer the filter excludes."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(64, 64) for _ in range(4))
+        self.up = nn.Linear(64, 128)
+        self.skip_me = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 64, bias=False)
+        self.head.weight = self.o.weight
+
+
+def test_svd_objective_rounds_same_shape_layers_together(monkeypatch):
+    import lrq_ao.rounding as rounding
+
+    batch_sizes = []
+    real = rounding.quantize_weights
+
+    def spy(weights, *args, **kwargs):  # records the call, then runs the real function
+        batch_sizes.append(len(weights))
+        return real(weights, *args, **kwargs)
+
+    monkeypatch.setattr(rounding, "quantize_weights", spy)
+    torch.manual_seed(0)
+    model = Blocks()
+    originals = {name: m.weight.detach().clone() for name, m in model.named_children()}
+    config = LearnedRoundingConfig(format="int8", objective="svd", num_iter=20, check_every=10, min_k=8, max_k=8)
+    report = quantize_(model, config, filter_fn=lambda m, name: name != "skip_me")
+
+    assert sorted(batch_sizes) == [1, 4]
+    assert [layer["name"] for layer in report.layers] == ["q", "k", "v", "o", "up"]
+    assert [layer.get("batch") for layer in report.layers] == [4, 4, 4, 4, None]
+    assert report.skipped == [
+        ("skip_me", "excluded by filter_fn"),
+        ("head", "shares its weight with o, quantized there"),
+    ]
+    assert model.head.weight is model.o.weight and type(model.skip_me.weight) is nn.Parameter
+    for layer in report.layers:
+        w0, qw = originals[layer["name"]], getattr(model, layer["name"]).weight
+        ref_q, ref_scale, _ = quantize_rtn(w0, config.spec)
+        assert type(qw) is Int8Tensor and torch.equal(qw.scale, ref_scale), "the round-to-nearest scales are kept"
+        assert layer["objective_final"] < layer["objective_rtn"]
+        rtn = _exact_svd_loss64(w0, ref_q.float() * ref_scale, 8)
+        assert _exact_svd_loss64(w0, qw.dequantize(torch.float32), 8) < 0.5 * rtn

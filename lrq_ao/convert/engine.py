@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,15 @@ def quantize_layer(
     t0 = time.perf_counter()
     w = (weight if weight is not None else read_tensor(info)).to(device)
     result = quantize_weight(w, config, name=info.name, stats=stats)
+    return layer_output(info, tp, w, result, full_precision_matrix_mult, time.perf_counter() - t0)
+
+
+def layer_output(
+    info: TensorInfo, tp: TensorPlan, w: torch.Tensor, result: Any, full_precision_matrix_mult: bool, seconds: float
+) -> tuple[dict[str, torch.Tensor], LayerRecord]:
+    """One rounded weight (``result`` of ``quantize_weight(s)`` for ``w``) -> its ComfyUI tensors and record.
+    ``seconds`` is the rounding's share of time; the SQNR check here is added to it."""
+    t0 = time.perf_counter()
     if getattr(result, "bias_delta", None) is not None:
         raise ValueError(
             f"{info.name}: the converter does not apply bias correction (it would change the bias tensors' layout); "
@@ -86,7 +96,6 @@ def quantize_layer(
         )
     sqnr_db = chunked_sqnr(w, result.qdata, result.scale, result.block_size)
     qdata, scale = result.qdata.cpu(), result.scale.cpu()
-    del w
     tensors, _ = cf.layer_tensors(
         tp.layer, qdata, scale, tp.spec, full_precision_matrix_mult=full_precision_matrix_mult
     )
@@ -98,7 +107,7 @@ def quantize_layer(
         sqnr_db=sqnr_db,
         objective_before=_float_or_none(rep.get("objective_rtn")),
         objective_after=_float_or_none(rep.get("objective_final")),
-        seconds=time.perf_counter() - t0,
+        seconds=seconds + time.perf_counter() - t0,
         fallback=tp.fallback,
         rounding={k: v for k, v in rep.items() if isinstance(v, (int, float, str, bool)) and k != "name"},
     )
@@ -304,6 +313,14 @@ class _ReadAhead:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+# Same-shape weights rounded together (issue 4): the quantized weights, in file order, are cut into windows of this
+# many, and the same-shape weights of a window are rounded in one batch. The engine then holds one window of read
+# weights plus the one read ahead -- five input tensors, the streaming bound the converter already had
+# (tests/convert/test_memory.py). Layers whose same-shape partners sit further apart in the file (most of Flux, whose
+# names sort by block) go one at a time.
+BATCH_WINDOW = 4
+
+
 def _run_plan(
     plan: ConversionPlan, writer: StreamingWriter | ShardedWriter, journal: Journal, run: RunOptions
 ) -> dict[str, Any]:
@@ -313,11 +330,32 @@ def _run_plan(
     records: dict[str, Any] = {}
     base_rss = _rss_reset_and_read()
     written = 0
-    todo = [tp for tp in plan.tensors if tp.name not in journal.done]
-    ahead = _ReadAhead(plan, todo)
+    windows = _Windows(plan, journal, BATCH_WINDOW if batches_same_shapes(plan, run) else 1)
+    ahead = _ReadAhead(plan, windows.to_read)
+    waiting: list[tuple[TensorPlan, torch.Tensor]] = []  # read weights of the current window, in file order
+
+    def finish(tp: TensorPlan, record: LayerRecord | None) -> None:
+        nonlocal written
+        if tp.name in journal.done:  # rounded again only because its window was unfinished: bytes are the same
+            records[tp.name] = LayerRecord.from_json(journal.done[tp.name])
+            progress.step(plan.source.tensors[tp.name].nbytes, tp.name)
+            return
+        if record is not None:
+            records[tp.name] = record
+        journal.mark_done(tp.name, record.to_json() if record is not None else None)
+        progress.step(plan.source.tensors[tp.name].nbytes, tp.name)
+        written += 1
+        if kill_after is not None and written >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     try:
         for tp in plan.tensors:
             info = plan.source.tensors[tp.name]
+            if windows.size > 1 and tp.name in windows.redo:
+                waiting.append((tp, ahead.take(tp.name).to(run.device)))
+                if windows.closes(tp):
+                    _round_waiting(plan, waiting, writer, finish)
+                continue
             if tp.name in journal.done:
                 if tp.action == "quantize":
                     records[tp.name] = LayerRecord.from_json(journal.done[tp.name])
@@ -326,19 +364,71 @@ def _run_plan(
             weight = ahead.take(tp.name) if tp.action == "quantize" else None
             record = _run_one(plan, tp, info, writer, run, weight)
             del weight
-            if record is not None:
-                records[tp.name] = record
-            journal.mark_done(tp.name, record.to_json() if record is not None else None)
-            progress.step(info.nbytes, tp.name)
-            written += 1
-            if kill_after is not None and written >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+            finish(tp, record)
     finally:
         ahead.close()
         progress.close()
     peak = _proc_status_kb("VmHWM") * 1024
     records["__peak__"] = peak - base_rss if peak and base_rss else None
     return records
+
+
+class _Windows:
+    """The quantized weights in file order, cut into windows of ``size``. A window with any weight left undone is
+    rounded again whole (``redo``), so that ``--resume`` batches exactly as an uninterrupted run did and writes the
+    same bytes; with ``size`` 1 that is just the undone weights."""
+
+    def __init__(self, plan: ConversionPlan, journal: Journal, size: int):
+        self.size = size
+        quantized = [tp for tp in plan.tensors if tp.action == "quantize"]
+        windows = [quantized[i : i + size] for i in range(0, len(quantized), size)]
+        redo = [w for w in windows if any(tp.name not in journal.done for tp in w)]
+        self.redo = {tp.name for w in redo for tp in w}
+        self.last = {w[-1].name for w in redo}
+        self.to_read = [tp for w in redo for tp in w]
+
+    def closes(self, tp: TensorPlan) -> bool:
+        return tp.name in self.last
+
+
+def batches_same_shapes(plan: ConversionPlan, run: RunOptions) -> bool:
+    """Whether this run rounds same-shape weights together: only the svd objective with the parallel relaxation
+    batches (``quantize_weights``), and only without calibration data (each layer then has its own statistics)."""
+    from lrq_ao.rounding import resolve_method
+
+    config = plan.options.rounding
+    objective, _, relaxation = resolve_method(config, has_stats=False)
+    return run.calibration is None and objective == "svd" and relaxation == "parallel" and not config.bias_correction
+
+
+def _round_waiting(
+    plan: ConversionPlan,
+    waiting: list[tuple[TensorPlan, torch.Tensor]],
+    writer: StreamingWriter | ShardedWriter,
+    finish: Callable[[TensorPlan, LayerRecord | None], None],
+) -> None:
+    """Round the waiting weights, same shape and format together, and write and journal each group as it is done
+    (the output layout is fixed by the plan, so the order of writes does not change the file).
+
+    Each batch's random SVD probes depend on its members, so a window is always rounded whole (``_Windows``).
+    """
+    from lrq_ao.rounding import quantize_weights
+
+    groups: dict[tuple, list[tuple[TensorPlan, torch.Tensor]]] = {}
+    for tp, w in waiting:
+        groups.setdefault((tuple(w.shape), tp.format, tp.spec), []).append((tp, w))
+    waiting.clear()
+    for members in groups.values():
+        t0 = time.perf_counter()
+        config = plan.layer_config(members[0][0])
+        results = quantize_weights([w for _, w in members], config, names=[tp.name for tp, _ in members])
+        seconds = (time.perf_counter() - t0) / len(members)
+        for (tp, w), result in zip(members, results):
+            info = plan.source.tensors[tp.name]
+            tensors, record = layer_output(info, tp, w, result, plan.options.full_precision_matrix_mult, seconds)
+            for name, t in tensors.items():
+                writer.write(name, t)
+            finish(tp, record)
 
 
 def _run_one(
