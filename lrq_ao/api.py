@@ -1,12 +1,13 @@
 """``quantize_(model, config)``: replace every eligible ``nn.Linear`` weight by a quantized tensor.
 
 Each weight goes through ``lrq_ao.rounding.quantize_weight`` (round-to-nearest or learned rounding, with the
-layer's calibration statistics when ``config.calibration`` holds them), is wrapped by ``make_weight_tensor`` with
-the activation mode and kernel choice of the config, and replaces ``module.weight`` as a frozen parameter. A
-bias correction returned by the rounding (``bias ← bias − bias_delta``) is applied, creating a zero bias if the
-layer had none. Layers that cannot take the format (a block that does not tile the weight, a weight on the meta
-device, one already quantized) are left as they are and listed with the reason in the returned report: never
-quantized under a different layout than the one asked for.
+layer's calibration statistics when ``config.calibration`` holds them; without them, the svd objective with the
+parallel relaxation rounds same-shape weights together through ``quantize_weights``), is wrapped by
+``make_weight_tensor`` with the activation mode and kernel choice of the config, and replaces ``module.weight`` as a
+frozen parameter. A bias correction returned by the rounding (``bias ← bias − bias_delta``) is applied, creating
+a zero bias if the layer had none. Layers that cannot take the format (a block that does not tile the weight, a
+weight on the meta device, one already quantized) are left as they are and listed with the reason in the returned
+report: never quantized under a different layout than the one asked for.
 
 ``LearnedRoundingConfig`` is also registered with torchao, so ``torchao.quantization.quantize_(model, config)``
 works; that path returns no report (torchao's API returns nothing) and warns for each layer it leaves alone.
