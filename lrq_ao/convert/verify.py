@@ -67,7 +67,8 @@ def verify_output(plan: ConversionPlan, report: ConversionReport) -> dict[str, A
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool(torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
+    # reshape(-1) first: a 0-d tensor (a scalar kept as is) cannot be viewed as bytes of another element size
+    return bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
 
 
 def _check_layer(plan: ConversionPlan, ckpt, layer: str, weight_name: str, recorded: float | None) -> list[str]:

@@ -213,6 +213,7 @@ def test_zero_1d_3d_and_integer_tensors(tmp_path, capsys):
     t = {
         "zero.weight": torch.zeros(32, 64),
         "vec.weight": torch.randn(64),
+        "scalar.weight": torch.tensor(1.5),  # 0-d: kept, and --verify compares it byte for byte (found by the fuzzer)
         "conv.weight": torch.randn(32, 4, 3),
         "int.weight": torch.randint(-5, 5, (32, 32), dtype=torch.int32),
         "ok.weight": torch.randn(32, 64),
@@ -226,6 +227,7 @@ def test_zero_1d_3d_and_integer_tensors(tmp_path, capsys):
     assert {r["layer"] for r in rep["layers"]} == {"zero", "ok"}
     assert next(r for r in rep["layers"] if r["layer"] == "zero")["sqnr_db"] == "inf"
     assert "1-D" in rep["kept"]["vec.weight"] and "3-D" in rep["kept"]["conv.weight"]
+    assert "0-D" in rep["kept"]["scalar.weight"], rep["kept"]["scalar.weight"]
     assert "I32" in rep["kept"]["int.weight"]
     got = load_file(str(out))
     assert torch.equal(got["zero.weight"].float(), torch.zeros(32, 64))
