@@ -1,13 +1,17 @@
 """lrq_ao: learned-rounding 8-bit weight quantization with torch.compile-ready tensor subclasses.
 
-Importing this package registers the tensor subclasses (so ``torch.load(weights_only=True)`` accepts them) but
-neither imports Triton nor initializes CUDA: kernels are built lazily on first use.
+Importing this package registers the tensor subclasses (so ``torch.load(weights_only=True)`` accepts them) and
+tags torch.compile's caches with a digest of lrq_ao's dispatch code (``lrq_ao._compile_cache``), but neither imports
+Triton nor initializes CUDA: kernels are built lazily on first use.
 """
 
 # lrq_ao.layouts registers Float8Tensor / Int8Tensor and their attribute types with torch.serialization.
 import lrq_ao.layouts  # noqa: F401
+from lrq_ao._compile_cache import tag_compile_caches
 from lrq_ao.config import LearnedRoundingConfig
 from lrq_ao.primitives import FORMATS, FormatSpec, format_spec
+
+tag_compile_caches()  # compiled graphs cached by other lrq_ao code are not served again (see _compile_cache)
 
 __all__ = [
     "FORMATS",
