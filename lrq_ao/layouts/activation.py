@@ -135,15 +135,19 @@ def quantize_activation(
     ``x_scale`` is float32 with shape ``(1, 1)`` (tensor), ``(M, 1)`` (row) or ``(M, K // block)`` (block).
     Reductions use ``reshape`` + ``amax`` only, so ``M`` may be symbolic under ``torch.compile``.
     """
+    _check_activation(x2d, mode)
+    xf = x2d.float()
+    scale = (_group_amax(xf, mode) / qmax_of(qdtype)).clamp_min(MIN_SCALE)
+    xq = round_to_grid(_divide_by_scale(xf, scale, mode), qdtype)
+    return xq, scale
+
+
+def _check_activation(x2d: torch.Tensor, mode: ActivationMode) -> None:
     if x2d.dim() != 2:
         raise ValueError(f"quantize_activation expects a 2-D (M, K) activation, got shape {tuple(x2d.shape)}")
     reason = activation_refusal(x2d.shape[-1], mode)
     if reason is not None:
         raise ValueError(reason)
-    xf = x2d.float()
-    scale = (_group_amax(xf, mode) / qmax_of(qdtype)).clamp_min(MIN_SCALE)
-    xq = round_to_grid(_divide_by_scale(xf, scale, mode), qdtype)
-    return xq, scale
 
 
 def quantize_activation_fusable(
@@ -166,11 +170,7 @@ def quantize_activation_fusable(
     * FP8 values are rounded onto the e4m3fn grid explicitly (scaled by the power of two that makes the grid step
       1, ``torch.round``, scaled back), so the final cast only ever sees representable values.
     """
-    if x2d.dim() != 2:
-        raise ValueError(f"quantize_activation expects a 2-D (M, K) activation, got shape {tuple(x2d.shape)}")
-    reason = activation_refusal(x2d.shape[-1], mode)
-    if reason is not None:
-        raise ValueError(reason)
+    _check_activation(x2d, mode)
     xf = x2d.float()
     amax = _group_amax(xf, mode)
     scale = _correctly_rounded_quotient(amax, qmax_of(qdtype)).clamp_min(MIN_SCALE)
