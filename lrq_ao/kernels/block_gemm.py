@@ -34,7 +34,7 @@ from lrq_ao.kernels._gemm_common import (
 )
 from lrq_ao.kernels._runtime import check_contiguous_last, check_device, launchable, m_bucket
 from lrq_ao.kernels.act_quant import quantize_activation_triton
-from lrq_ao.kernels.row_gemm import OUT_DTYPES
+from lrq_ao.kernels.row_gemm import out_dtype_from_name
 
 BLOCKS = (32, 64, 128, 256)
 
@@ -213,14 +213,12 @@ def block_scaled_gemm_op(
     out_dtype_name: str,
 ) -> torch.Tensor:
     """Triton block-scaled W8A8 GEMM; see the module docstring."""
-    if out_dtype_name not in OUT_DTYPES:
-        raise ValueError(f"lrq_ao::block_scaled_gemm: out_dtype_name must be one of {sorted(OUT_DTYPES)}")
-    return block_scaled_gemm(xq, x_scale, wq, w_scale, block, bias, OUT_DTYPES[out_dtype_name])
+    return block_scaled_gemm(xq, x_scale, wq, w_scale, block, bias, out_dtype_from_name(out_dtype_name))
 
 
 @block_scaled_gemm_op.register_fake
 def _(xq, x_scale, wq, w_scale, block, bias, out_dtype_name):
-    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=OUT_DTYPES[out_dtype_name])
+    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype_from_name(out_dtype_name))
 
 
 @torch.library.custom_op("lrq_ao::block_scaled_linear", mutates_args=())

@@ -176,11 +176,11 @@ def _search_steps(num_values: int) -> int:
     return int(num_values).bit_length()  # halvings that shrink [0, num_values] to one candidate
 
 
-def _check_block(name: str, b0: int, b1: int, k: int, block_k: int) -> int:
-    ncols = b1 - b0
-    if not (0 <= b0 < b1 <= k) or ncols > block_k:
-        raise ValueError(f"{name}: column block [{b0}, {b1}) must lie in [0, {k}) and span at most {block_k} columns")
-    return ncols
+def _block_columns(name: str, b0: int, b1: int, k: int) -> tuple[int, int]:
+    """(columns in ``[b0, b1)``, the power-of-two register tile that holds them)."""
+    if not 0 <= b0 < b1 <= k:
+        raise ValueError(f"{name}: column block [{b0}, {b1}) must be non-empty and lie in [0, {k})")
+    return b1 - b0, triton.next_power_of_2(max(b1 - b0, 16))
 
 
 def _bounds(bounds, like: torch.Tensor):
@@ -208,8 +208,7 @@ def gptq_block(
     name = "rounding_sweep.gptq_block"
     device = check_device(name, w, s, u, values, idx)
     n, k = w.shape
-    block_k = triton.next_power_of_2(max(b1 - b0, 16))
-    ncols = _check_block(name, b0, b1, k, block_k)
+    ncols, block_k = _block_columns(name, b0, b1, k)
     err = torch.empty((n, ncols), dtype=torch.float32, device=device)
     lo, hi, bounded = _bounds(bounds, idx)
     launchable(_gptq_block_kernel, device)[(triton.cdiv(n, BLOCK_ROWS),)](
@@ -253,8 +252,7 @@ def greedy_block(
     name = "rounding_sweep.greedy_block"
     device = check_device(name, idx, g, s, m, values)
     n, k = g.shape
-    block_k = triton.next_power_of_2(max(b1 - b0, 16))
-    ncols = _check_block(name, b0, b1, k, block_k)
+    ncols, block_k = _block_columns(name, b0, b1, k)
     delta = torch.empty((n, ncols), dtype=torch.float32, device=device)
     lo, hi, bounded = _bounds(bounds, idx)
     launchable(_greedy_block_kernel, device)[(triton.cdiv(n, BLOCK_ROWS),)](

@@ -170,12 +170,12 @@ def row_scaled_gemm_op(
     out_dtype_name: str,
 ) -> torch.Tensor:
     """Triton W8A8 GEMM with per-row / per-tensor scales and bias fused; see the module docstring."""
-    return row_scaled_gemm(xq, x_scale, wq, w_scale, bias, _out_dtype(out_dtype_name))
+    return row_scaled_gemm(xq, x_scale, wq, w_scale, bias, out_dtype_from_name(out_dtype_name))
 
 
 @row_scaled_gemm_op.register_fake
 def _(xq, x_scale, wq, w_scale, bias, out_dtype_name):
-    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=_out_dtype(out_dtype_name))
+    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype_from_name(out_dtype_name))
 
 
 @torch.library.custom_op("lrq_ao::row_scaled_linear", mutates_args=())
@@ -191,9 +191,10 @@ def _(x, wq, w_scale, bias, act_granularity):
     return x.new_empty((x.shape[0], wq.shape[0]))
 
 
-def _out_dtype(name: str) -> torch.dtype:
+def out_dtype_from_name(name: str) -> torch.dtype:
+    """The output dtype an op's ``out_dtype_name`` argument names (the ops take dtypes as strings)."""
     if name not in OUT_DTYPES:
-        raise ValueError(f"lrq_ao::row_scaled_gemm: out_dtype_name must be one of {sorted(OUT_DTYPES)}, got {name!r}")
+        raise ValueError(f"lrq_ao W8A8 GEMM: out_dtype_name must be one of {sorted(OUT_DTYPES)}, got {name!r}")
     return OUT_DTYPES[name]
 
 
