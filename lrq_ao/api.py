@@ -145,7 +145,7 @@ def quantize_(model: nn.Module, config: LearnedRoundingConfig, filter_fn: Filter
     """
     if not isinstance(config, LearnedRoundingConfig):
         raise TypeError(f"quantize_ needs a LearnedRoundingConfig, got {type(config).__name__}")
-    from lrq_ao.rounding import stats_for
+    from lrq_ao.rounding import rounds_same_shapes_together, stats_for
 
     report = QuantizationReport()
     todo: list[tuple[str, nn.Linear]] = []  # the layers to quantize, in model order
@@ -168,22 +168,13 @@ def quantize_(model: nn.Module, config: LearnedRoundingConfig, filter_fn: Filter
             continue
         first_of[id(module.weight)] = (name, module)
         todo.append((name, module))
-    if _rounds_same_shapes_together(config):
+    if rounds_same_shapes_together(config, has_stats=config.calibration is not None):
         report.layers = _quantize_same_shapes_together(todo, config)
     else:
         report.layers = [quantize_module(m, config, n, stats_for(config.calibration, n, m)) for n, m in todo]
     for module, owner in ties:
         module.weight = owner.weight
     return report
-
-
-def _rounds_same_shapes_together(config: LearnedRoundingConfig) -> bool:
-    """``quantize_weights`` batches only the svd objective with the parallel relaxation, without calibration data
-    (with it, each layer has its own statistics)."""
-    from lrq_ao.rounding import resolve_method
-
-    objective, _, relaxation = resolve_method(config, has_stats=False)
-    return config.calibration is None and objective == "svd" and relaxation == "parallel"
 
 
 def _quantize_same_shapes_together(todo: list[tuple[str, nn.Linear]], config: LearnedRoundingConfig) -> list[dict]:

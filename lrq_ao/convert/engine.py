@@ -394,11 +394,9 @@ class _Windows:
 def batches_same_shapes(plan: ConversionPlan, run: RunOptions) -> bool:
     """Whether this run rounds same-shape weights together: only the svd objective with the parallel relaxation
     batches (``quantize_weights``), and only without calibration data (each layer then has its own statistics)."""
-    from lrq_ao.rounding import resolve_method
+    from lrq_ao.rounding import rounds_same_shapes_together
 
-    config = plan.options.rounding
-    objective, _, relaxation = resolve_method(config, has_stats=False)
-    return run.calibration is None and objective == "svd" and relaxation == "parallel" and not config.bias_correction
+    return rounds_same_shapes_together(plan.options.rounding, has_stats=run.calibration is not None)
 
 
 def _round_waiting(

@@ -239,6 +239,15 @@ def _learned_rounding(w, qdata, scale, block_size, config, objective, init, rela
 BATCH_BYTES_PER_ELEMENT = 64  # what one weight element costs in a batched parallel refinement (float32 + index state)
 
 
+def rounds_same_shapes_together(config: LearnedRoundingConfig, has_stats: bool) -> bool:
+    """Whether ``quantize_weights`` batches same-shape weights under ``config``: only the svd objective with the
+    parallel relaxation, without calibration statistics (each layer would have its own) and without bias
+    correction (it needs them). The one statement of the rule for ``quantize_``, the converter and
+    ``quantize_weights``."""
+    objective, _, relaxation = resolve_method(config, has_stats=has_stats)
+    return not has_stats and objective == "svd" and relaxation == "parallel" and not config.bias_correction
+
+
 def quantize_weights(
     weights: Sequence[torch.Tensor],
     config: LearnedRoundingConfig,
@@ -258,11 +267,8 @@ def quantize_weights(
     names = [f"weight{i}" for i in range(len(weights))] if names is None else list(names)
     if len(names) != len(weights):
         raise ValueError(f"quantize_weights got {len(weights)} weights but {len(names)} names")
-    objective, _, relaxation = resolve_method(config, has_stats=False)
-    if objective != "svd" or relaxation != "parallel":
+    if not rounds_same_shapes_together(config, has_stats=False):  # (bias correction raises there, as it should)
         return [quantize_weight(w, config, name=n) for w, n in zip(weights, names)]
-    if config.bias_correction:
-        _bias_delta(config, None, None, None, None, None)  # raises: bias correction needs calibration statistics
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(weights):
         groups.setdefault((tuple(w.shape), str(w.device)), []).append(i)
