@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 
 import lrq_ao  # noqa: F401  (importing tags the caches)
 from lrq_ao._compile_cache import PACKAGE_ROOT, dispatch_code_digest, tag_compile_caches
 
 
-def test_import_appends_the_digest_once_and_keeps_a_user_tag(monkeypatch):
+def test_import_appends_the_digest_once_and_keeps_a_user_tag():
     tag = f"lrq_ao:{dispatch_code_digest()}"
     assert tag in torch.compiler.config.cache_key_tag.split("|")
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
-    tag_compile_caches()
-    tag_compile_caches()
-    assert torch.compiler.config.cache_key_tag == f"mine|{tag}"
+    with torch.compiler.config.patch(cache_key_tag="mine"):
+        tag_compile_caches()
+        tag_compile_caches()
+        assert torch.compiler.config.cache_key_tag == f"mine|{tag}"
 
 
 def test_digest_changes_with_dispatch_code_only(tmp_path):
@@ -29,3 +30,25 @@ def test_digest_changes_with_dispatch_code_only(tmp_path):
     backends = root / "kernels" / "backends.py"
     backends.write_text(backends.read_text() + "\n# one more line\n")
     assert dispatch_code_digest(root) != before
+
+
+@pytest.mark.slow  # three small CPU compiles
+def test_a_changed_tag_misses_the_fx_graph_cache(monkeypatch, tmp_path):
+    """The mechanism the digest relies on: the same tag hits Inductor's FX-graph cache, another tag misses it."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)  # tests/conftest.py turns it off for the suite
+    x = torch.randn(17)
+
+    def compile_once(tag: str) -> dict:
+        torch._dynamo.reset()
+        counters.clear()
+        with torch.compiler.config.patch(cache_key_tag=tag):
+            torch.compile(lambda t: (t.sin() * 3).sum())(x)
+        return dict(counters["inductor"])
+
+    assert compile_once("lrq_ao:a").get("fxgraph_cache_miss") == 1
+    assert compile_once("lrq_ao:a").get("fxgraph_cache_hit") == 1
+    assert compile_once("lrq_ao:b").get("fxgraph_cache_miss") == 1
