@@ -39,7 +39,6 @@ def test_a_changed_tag_misses_the_fx_graph_cache(monkeypatch, tmp_path):
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)  # tests/conftest.py turns it off for the suite
     x = torch.randn(17)
 
     def compile_once(tag: str) -> dict:
@@ -49,6 +48,11 @@ def test_a_changed_tag_misses_the_fx_graph_cache(monkeypatch, tmp_path):
             torch.compile(lambda t: (t.sin() * 3).sum())(x)
         return dict(counters["inductor"])
 
-    assert compile_once("lrq_ao:a").get("fxgraph_cache_miss") == 1
-    assert compile_once("lrq_ao:a").get("fxgraph_cache_hit") == 1
-    assert compile_once("lrq_ao:b").get("fxgraph_cache_miss") == 1
+    # config.patch, not monkeypatch: pytest >= 9.2 undoes a module attribute with delattr when it is not in the
+    # module's __dict__, and torch's config module answers delattr by hiding the option for the rest of the process
+    # (every later compile then fails with "fx_graph_cache does not exist").
+    with inductor_config.patch(fx_graph_cache=True):  # tests/conftest.py turns it off for the suite
+        assert compile_once("lrq_ao:a").get("fxgraph_cache_miss") == 1
+        assert compile_once("lrq_ao:a").get("fxgraph_cache_hit") == 1
+        assert compile_once("lrq_ao:b").get("fxgraph_cache_miss") == 1
+    assert inductor_config.fx_graph_cache is False
