@@ -4,9 +4,10 @@ Per scale group ``scale = max(amax / qmax, 1e-8)`` (float32), ``xq = round(x / s
 rules in ``lrq_ao.primitives`` (IEEE division, ties to even, saturating), so results are bit-identical to the
 PyTorch reference.
 
-* ``row`` (one scale per token) and ``block`` (one scale per 1 x ``block`` group along K): a single pass. Each
-  program owns ``ROWS`` rows and walks K one group at a time, holding the group in registers between the amax and
-  the cast; a row wider than ``MAX_ROW_TILE`` is read twice (amax pass, then cast pass).
+* ``row`` (one scale per token) and ``block`` (one scale per 1 x ``block`` group along K): a single pass. The grid
+  is (row tiles, groups): each program owns ``ROWS`` rows of one group and holds them in registers between the amax
+  and the cast; a group wider than ``MAX_ROW_TILE`` is read twice (amax pass, then cast pass; the second read
+  mostly hits L2, 2 bytes x K per row).
 * ``tensor``: two launches, the fewest a grid-wide amax allows without a grid barrier: partial amaxes combined
   with ``atomic_max`` into one float32, then the cast pass, which also writes the scale.
 
@@ -26,7 +27,9 @@ from lrq_ao.primitives import FP8_DTYPE, qmax_of
 
 QDTYPES = {"float8_e4m3fn": FP8_DTYPE, "int8": torch.int8}
 GRANULARITIES = ("tensor", "row", "block")
-MAX_ROW_TILE = 16384
+# Widest float32 tile one program holds: 4096 values on 4 warps is 32 per thread. A 16384-wide tile (the first
+# version) put a whole 12288-wide row in registers, 128 values per thread, which spills.
+MAX_ROW_TILE = 4096
 
 
 @triton.jit
@@ -35,7 +38,6 @@ def _quantize_groups_kernel(
     q_ptr,
     s_ptr,
     M,
-    K,
     stride_xm,
     stride_qm,
     stride_sm,
@@ -47,30 +49,31 @@ def _quantize_groups_kernel(
     TWO_PASS: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    group = tl.program_id(1)
+    g0 = group * GROUP_K
     row_mask = rows < M
-    for g0 in range(0, K, GROUP_K):
-        if TWO_PASS:
-            amax = tl.zeros((ROWS, TILE_K), dtype=tl.float32)
-            for k0 in range(g0, g0 + GROUP_K, TILE_K):
-                cols = k0 + tl.arange(0, TILE_K)
-                mask = row_mask[:, None] & (cols < g0 + GROUP_K)[None, :]
-                x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-                amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-            scale = scale_from_amax(tl.reduce(amax, 1, max_combine), QMAX)
-            for k0 in range(g0, g0 + GROUP_K, TILE_K):
-                cols = k0 + tl.arange(0, TILE_K)
-                mask = row_mask[:, None] & (cols < g0 + GROUP_K)[None, :]
-                x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-                q = quantize_values(x.to(tl.float32), scale[:, None], QMAX, IS_FP8)
-                tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
-        else:
-            cols = g0 + tl.arange(0, TILE_K)
+    if TWO_PASS:
+        amax = tl.zeros((ROWS, TILE_K), dtype=tl.float32)
+        for k0 in range(g0, g0 + GROUP_K, TILE_K):
+            cols = k0 + tl.arange(0, TILE_K)
             mask = row_mask[:, None] & (cols < g0 + GROUP_K)[None, :]
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            scale = scale_from_amax(tl.reduce(tl.abs(x), 1, max_combine), QMAX)
-            q = quantize_values(x, scale[:, None], QMAX, IS_FP8)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        scale = scale_from_amax(tl.reduce(amax, 1, max_combine), QMAX)
+        for k0 in range(g0, g0 + GROUP_K, TILE_K):
+            cols = k0 + tl.arange(0, TILE_K)
+            mask = row_mask[:, None] & (cols < g0 + GROUP_K)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+            q = quantize_values(x.to(tl.float32), scale[:, None], QMAX, IS_FP8)
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
-        tl.store(s_ptr + rows * stride_sm + g0 // GROUP_K, scale, mask=row_mask)
+    else:
+        cols = g0 + tl.arange(0, TILE_K)
+        mask = row_mask[:, None] & (cols < g0 + GROUP_K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = scale_from_amax(tl.reduce(tl.abs(x), 1, max_combine), QMAX)
+        q = quantize_values(x, scale[:, None], QMAX, IS_FP8)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
+    tl.store(s_ptr + rows * stride_sm + group, scale, mask=row_mask)
 
 
 @triton.jit
@@ -95,9 +98,13 @@ def _quantize_tensorwise_kernel(
 
 
 def _row_launch_shape(m: int, group_k: int) -> tuple[int, int, bool]:
-    """(ROWS, TILE_K, TWO_PASS): about 4K elements per program keeps registers in check for any K."""
+    """(ROWS, TILE_K, TWO_PASS): at most ``MAX_ROW_TILE`` elements per program keeps registers in check for any K.
+
+    Groups are the grid's second axis, so 1 x 128 groups at M = 16, K = 12288 are 96 programs, not one program
+    walking 96 groups in turn (the first version's shape).
+    """
     tile_k = min(triton.next_power_of_2(group_k), MAX_ROW_TILE)
-    rows = max(1, min(4096 // tile_k, triton.next_power_of_2(m)))
+    rows = max(1, min(MAX_ROW_TILE // tile_k, triton.next_power_of_2(m)))
     return rows, tile_k, tile_k < group_k
 
 
@@ -136,12 +143,11 @@ def quantize_activation_triton(
     if m == 0:
         return xq, scale
     rows, tile_k, two_pass = _row_launch_shape(m, group_k)
-    launchable(_quantize_groups_kernel, device)[(triton.cdiv(m, rows),)](
+    launchable(_quantize_groups_kernel, device)[(triton.cdiv(m, rows), k // group_k)](
         x,
         xq,
         scale,
         m,
-        k,
         x.stride(0),
         xq.stride(0),
         scale.stride(0),

@@ -10,9 +10,10 @@ from lrq_ao.kernels.act_quant import quantize_activation_triton
 from lrq_ao.layouts.activation import ActivationMode, quantize_activation
 from lrq_ao.primitives import FP8_DTYPE
 
-# (M, K, granularity): M in {1, 7, 33}, K not a multiple of the tile; a row wider than one tile (two passes).
+# (M, K, granularity): M in {1, 7, 33}, K not a multiple of the tile; a row wider than one tile (two passes, also
+# just past it); block groups over a grid of several row tiles x several groups, the last row tile ragged.
 CASES = [(m, k, g) for m, k in [(1, 96), (7, 33), (33, 64)] for g in ("tensor", "row")]
-CASES += [(1, 96, "block"), (33, 64, "block"), (2, 17000, "row")]
+CASES += [(1, 96, "block"), (33, 64, "block"), (130, 96, "block"), (2, 17000, "row"), (3, 4100, "row")]
 if ON_CUDA:
     CASES += [(4608, 3072, g) for g in ("tensor", "row", "block")] + [(16, 15360, "row"), (5, 20000, "tensor")]
 
