@@ -16,6 +16,7 @@ CASES = [(m, k, g) for m, k in [(1, 96), (7, 33), (33, 64)] for g in ("tensor", 
 CASES += [(1, 96, "block"), (33, 64, "block"), (130, 96, "block"), (2, 17000, "row"), (3, 4100, "row")]
 if ON_CUDA:
     CASES += [(4608, 3072, g) for g in ("tensor", "row", "block")] + [(16, 15360, "row"), (5, 20000, "tensor")]
+    CASES += [(4608, 12288, "row"), (16, 12288, "block")]  # the two-pass row and the many-group grid at Flux sizes
 
 
 @pytest.mark.parametrize("qdtype", [FP8_DTYPE, torch.int8], ids=["fp8", "int8"])
