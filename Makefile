@@ -4,16 +4,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# Pinned versions for the CPU venv only (see constraints.txt); a venv with its own torch keeps its own versions.
+CONSTRAINTS ?= $(if $(TORCH_SPEC),-c constraints.txt,)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint format bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
-	$(PY) -m pip install -q -e ".[test,demo]"
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q $(CONSTRAINTS) "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[test,demo]"
 	touch $(STAMP)
 
 demo: $(STAMP)
