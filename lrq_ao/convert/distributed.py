@@ -50,8 +50,8 @@ from lrq_ao.convert.engine import (
     _run_one,
     check_plan_targets,
     open_plan_output,
-    output_size,
     pin_large_allocations_to_mmap,
+    plan_report,
 )
 from lrq_ao.convert.plan import ConversionPlan, TensorPlan
 from lrq_ao.convert.report import ConversionReport, LayerRecord
@@ -329,17 +329,5 @@ def _report(
         if name not in records and rec:
             records[name] = LayerRecord.from_json(rec)
     peaks = [p for _, _, p in outcomes if p is not None]
-    files = plan.source.files
-    return ConversionReport(
-        input=files[0] if len(files) == 1 else os.path.dirname(files[0]),
-        output=str(writer.target),
-        preset=plan.preset.name,
-        layers=[records[t.name] for t in plan.quantized],
-        kept={t.name: t.reason for t in plan.tensors if t.action == "keep"},
-        removed={t.name: t.reason for t in plan.tensors if t.action == "remove"},
-        input_bytes=plan.input_bytes,
-        output_bytes=output_size(writer),
-        seconds=seconds,
-        resumed_tensors=len(done),
-        peak_rss_bytes=max(peaks) if peaks else None,  # the largest single rank's growth
-    )
+    peak = max(peaks) if peaks else None  # the largest single rank's growth
+    return plan_report(plan, writer, records, seconds=seconds, resumed=len(done), peak=peak)

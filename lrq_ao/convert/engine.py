@@ -145,6 +145,33 @@ def output_size(writer: StreamingWriter | ShardedWriter) -> int:
     return sum(p.stat().st_size for p in writer.paths)
 
 
+def plan_report(
+    plan: ConversionPlan,
+    writer: StreamingWriter | ShardedWriter,
+    records: dict[str, LayerRecord],
+    *,
+    seconds: float,
+    resumed: int,
+    peak: int | None,
+) -> ConversionReport:
+    """The report of a finished run (single-process or torchrun): one record per quantized layer in plan order,
+    every kept or removed tensor with its reason, sizes of the finished output."""
+    files = plan.source.files
+    return ConversionReport(
+        input=files[0] if len(files) == 1 else os.path.dirname(files[0]),
+        output=str(writer.target),
+        preset=plan.preset.name,
+        layers=[records[t.name] for t in plan.quantized],
+        kept={t.name: t.reason for t in plan.tensors if t.action == "keep"},
+        removed={t.name: t.reason for t in plan.tensors if t.action == "remove"},
+        input_bytes=plan.input_bytes,
+        output_bytes=output_size(writer),
+        seconds=seconds,
+        resumed_tensors=resumed,
+        peak_rss_bytes=peak,
+    )
+
+
 def open_plan_output(plan: ConversionPlan, target: str | Path, *, resume: bool) -> StreamingWriter | ShardedWriter:
     """The writer for ``plan``'s output to ``-o target`` (``stream.open_output``), new or reopened for resume."""
     final, files, index = plan.output_files(target)
@@ -269,19 +296,7 @@ def convert(plan: ConversionPlan, target: str | Path, run: RunOptions | None = N
     peak = records.pop("__peak__")
     writer.finish()
     journal.close(delete=True)
-    return ConversionReport(
-        input=plan.source.files[0] if len(plan.source.files) == 1 else os.path.dirname(plan.source.files[0]),
-        output=str(final),
-        preset=plan.preset.name,
-        layers=[records[t.name] for t in plan.quantized],
-        kept={t.name: t.reason for t in plan.tensors if t.action == "keep"},
-        removed={t.name: t.reason for t in plan.tensors if t.action == "remove"},
-        input_bytes=plan.input_bytes,
-        output_bytes=output_size(writer),
-        seconds=time.perf_counter() - t_start,
-        resumed_tensors=resumed,
-        peak_rss_bytes=peak,
-    )
+    return plan_report(plan, writer, records, seconds=time.perf_counter() - t_start, resumed=resumed, peak=peak)
 
 
 class _ReadAhead:
