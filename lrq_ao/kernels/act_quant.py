@@ -7,7 +7,7 @@ PyTorch reference.
 * ``row`` (one scale per token) and ``block`` (one scale per 1 x ``block`` group along K): a single pass. The grid
   is (row tiles, groups): each program owns ``ROWS`` rows of one group and holds them in registers between the amax
   and the cast; a group wider than ``MAX_ROW_TILE`` is read twice (amax pass, then cast pass; the second read
-  mostly hits L2, 2 bytes x K per row).
+  should mostly hit L2, 2 bytes x K per row: not yet measured).
 * ``tensor``: two launches, the fewest a grid-wide amax allows without a grid barrier: partial amaxes combined
   with ``atomic_max`` into one float32, then the cast pass, which also writes the scale.
 
