@@ -87,16 +87,20 @@ def init_weights(model: nn.Module) -> None:
         block.modulation.weight.data.mul_(0.1)
 
 
-def lrq_variant(model: nn.Module, fmt: str, kernel: str = "auto") -> tuple[nn.Module, str]:
+def lrq_variant(model: nn.Module, fmt: str, kernel: str = "auto", quant: str = "exact") -> tuple[nn.Module, str]:
     import lrq_ao
     from lrq_ao import LearnedRoundingConfig
 
     quantized = copy.deepcopy(model)
-    config = LearnedRoundingConfig(format=fmt, activation="dynamic", objective="rtn", kernel=kernel)
+    config = LearnedRoundingConfig(
+        format=fmt, activation="dynamic", activation_quant=quant, objective="rtn", kernel=kernel
+    )
     report = lrq_ao.quantize_(quantized, config)
     if report.skipped:
         raise RuntimeError(f"lrq_ao {fmt}: layers left unquantized: {report.skipped}")
-    return quantized, f"lrq_ao.quantize_(format={fmt!r}, activation='dynamic', kernel={kernel!r})"
+    return quantized, (
+        f"lrq_ao.quantize_(format={fmt!r}, activation='dynamic', activation_quant={quant!r}, kernel={kernel!r})"
+    )
 
 
 def torchao_variant(model: nn.Module, granularity: str) -> tuple[nn.Module, str]:
@@ -116,6 +120,10 @@ VARIANTS = {
     "lrq_fp8_row_triton": lambda m: lrq_variant(m, "fp8_row", "triton"),
     "lrq_int8": lambda m: lrq_variant(m, "int8"),
     "lrq_int8_block": lambda m: lrq_variant(m, "int8_block"),
+    "lrq_fp8_fast": lambda m: lrq_variant(m, "fp8", quant="fast"),
+    "lrq_fp8_row_fast": lambda m: lrq_variant(m, "fp8_row", quant="fast"),
+    "lrq_int8_fast": lambda m: lrq_variant(m, "int8", quant="fast"),
+    "lrq_int8_block_fast": lambda m: lrq_variant(m, "int8_block", quant="fast"),
     "ao_fp8_row": lambda m: torchao_variant(m, "row"),
     "ao_fp8_tensor": lambda m: torchao_variant(m, "tensor"),
 }

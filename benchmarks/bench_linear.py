@@ -62,6 +62,10 @@ LRQ_METHODS = {
     "lrq_fp8wo": ("fp8_row", "weight_only", "auto"),
     "lrq_fp8wo_torch": ("fp8_row", "weight_only", "torch"),
     "lrq_int8wo": ("int8", "weight_only", "auto"),
+    "lrq_fp8dq_fast": ("fp8", "dynamic", "auto", "fast"),
+    "lrq_fp8dq_row_fast": ("fp8_row", "dynamic", "auto", "fast"),
+    "lrq_int8dq_fast": ("int8", "dynamic", "auto", "fast"),
+    "lrq_int8dq_block_fast": ("int8_block", "dynamic", "auto", "fast"),
 }
 L2_BYTES = 50 * 2**20
 SLOW_CALL_S = 0.05  # a peer slower than this per call is timed with a few plain calls instead of graphs
@@ -145,9 +149,11 @@ def lrq_methods(linear: torch.nn.Linear, x_probe: torch.Tensor, only) -> dict:
     import lrq_ao
     from lrq_ao import LearnedRoundingConfig
 
-    def build(fmt, activation, kernel):
+    def build(fmt, activation, kernel, quant="exact"):
         module = copy.deepcopy(linear)
-        config = LearnedRoundingConfig(format=fmt, activation=activation, objective="rtn", kernel=kernel)
+        config = LearnedRoundingConfig(
+            format=fmt, activation=activation, activation_quant=quant, objective="rtn", kernel=kernel
+        )
         report = lrq_ao.quantize_(module, config)
         if report.skipped:
             raise RuntimeError(f"quantize_ skipped the layer ({fmt}, {activation}): {report.skipped}")

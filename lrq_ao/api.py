@@ -108,7 +108,8 @@ def install_rounded(module: nn.Linear, config: LearnedRoundingConfig, name: str,
     """Replace ``module.weight`` by the quantized tensor of ``result`` (a ``RoundedWeight`` of that weight), apply
     its bias correction, and return the layer's report row."""
     weight = module.weight.detach()
-    act = activation_mode_for(config.activation, config.spec.qdtype, result.block_size, weight.shape)
+    exact = config.activation_quant == "exact"
+    act = activation_mode_for(config.activation, config.spec.qdtype, result.block_size, weight.shape, exact)
     qweight = make_weight_tensor(
         result.qdata, result.scale, result.block_size, weight.dtype, act=act, kernel=KernelChoice(config.kernel)
     )

@@ -23,6 +23,7 @@ RELAXATIONS = ("auto", "greedy", "parallel", "ste", "sigmoid", "continuous")
 INITS = ("auto", "rtn", "gptq")
 SCHEDULES = ("none", "plateau", "exponential", "cosine")
 ACTIVATIONS = ("weight_only", "dynamic")
+ACTIVATION_QUANTS = ("exact", "fast")
 KERNELS = ("auto", "torch", "emulated", "triton")
 
 
@@ -42,6 +43,9 @@ class LearnedRoundingConfig(AOBaseConfig):
     Inference:
       activation: ``weight_only`` (dequantize into the activation dtype) or ``dynamic`` (quantize activations
         per call: FP8 per-tensor/per-row following the weight, INT8 per-token or per-block).
+      activation_quant: for ``dynamic``, ``exact`` (the activation quantization is bit-identical to the
+        reference on every path) or ``fast`` (compiled graphs fuse the reference's ops as Inductor compiles them:
+        cheaper, a value may move by one grid step; eager calls stay exact).
       kernel: ``auto``, ``torch``, ``emulated`` or ``triton``.
     Rounding:
       objective: ``rtn`` (round-to-nearest), ``svd`` (the reference: truncated SVD of W, minimize
@@ -75,6 +79,7 @@ class LearnedRoundingConfig(AOBaseConfig):
     format: str = "fp8"
     block_size: int = 128
     activation: str = "weight_only"
+    activation_quant: str = "exact"
     kernel: str = "auto"
     objective: str = "auto"
     top_p: float = 0.2
@@ -108,6 +113,7 @@ class LearnedRoundingConfig(AOBaseConfig):
         if self.block_size not in (32, 64, 128, 256):
             raise ValueError(f"LearnedRoundingConfig.block_size must be 32, 64, 128 or 256, got {self.block_size}")
         _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("activation_quant", self.activation_quant, ACTIVATION_QUANTS)
         _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)

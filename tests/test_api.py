@@ -253,6 +253,7 @@ def test_config_json_form():
 {
 "act_order": true,
 "activation": "dynamic",
+"activation_quant": "exact",
 "bias_correction": false,
 "block_size": 64,
 "check_every": 25,
@@ -286,7 +287,8 @@ def test_config_json_form():
 def test_activation_mode_json_form():
     mode = lrq_ao.layouts.activation_mode_for("dynamic", torch.int8, (64, 64), (128, 256))
     assert_expected_inline(
-        json.dumps(mode.to_dict(), sort_keys=True), """{"block": 64, "granularity": "block", "kind": "dynamic"}"""
+        json.dumps(mode.to_dict(), sort_keys=True),
+        """{"block": 64, "exact": true, "granularity": "block", "kind": "dynamic"}""",
     )
 
 
@@ -341,3 +343,13 @@ def test_svd_objective_rounds_same_shape_layers_together(monkeypatch):
         assert layer["objective_final"] < layer["objective_rtn"]
         rtn = _exact_svd_loss64(w0, ref_q.float() * ref_scale, 8)
         assert _exact_svd_loss64(w0, qw.dequantize(torch.float32), 8) < 0.5 * rtn
+
+
+def test_fast_activation_quantization_reaches_the_weight_and_the_report():
+    model = nn.Sequential(nn.Linear(64, 32))
+    config = LearnedRoundingConfig(format="int8", activation="dynamic", activation_quant="fast", objective="rtn")
+    report = lrq_ao.quantize_(model, config)
+    assert model[0].weight.act.exact is False
+    assert [layer["activation"] for layer in report.layers] == ["dynamic/row/fast"]
+    with pytest.raises(ValueError, match="activation_quant must be one of"):
+        LearnedRoundingConfig(activation_quant="approximate")

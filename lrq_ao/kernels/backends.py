@@ -92,8 +92,13 @@ FUSED_QUANT_MIN_K = 8192
 
 
 def quantize_in_graph(x: torch.Tensor, weight) -> bool:
-    """Whether this call's activation quantization is emitted as plain torch ops into the compiled graph."""
-    return weight.shape[1] >= FUSED_QUANT_MIN_K and is_traced_for_compile(x)
+    """Whether this call's activation quantization is emitted as plain torch ops into the compiled graph.
+
+    Always for the fast (inexact) quantization, whose point is to fuse with the producer; for the exact one only
+    from ``FUSED_QUANT_MIN_K`` on.
+    """
+    fused = weight.shape[1] >= FUSED_QUANT_MIN_K or not weight.act.exact
+    return fused and is_traced_for_compile(x)
 
 
 # ---- FP8 dynamic: Triton activation quantization + cuBLAS ---------------------------------------------------

@@ -6,7 +6,10 @@ survives ``torch.compile``, ``state_dict`` and ``torch.save``):
 * ``weight_only``: the weight is dequantized into the activation dtype and an ordinary matmul runs.
 * ``dynamic``: each call quantizes the activations to the weight's element type, with one scale per
   ``tensor``, per ``row`` (per token) or per ``block`` (1 x ``block`` along K), then multiplies the two
-  quantized operands.
+  quantized operands. ``exact`` (the default) keeps that quantization bit-identical to the reference on every
+  device and path; ``exact=False`` lets ``torch.compile`` run the reference's own ops as Inductor compiles them
+  (approximate float32 division, the hardware's float -> e4m3 cast), which is cheaper and may move a value by one
+  grid step (what torchao's dynamic FP8 does).
 
 The functions ``quantize_activation`` / ``dequantize_activation`` / ``emulated_linear`` are the pure-PyTorch
 reference for every backend (the Triton kernels are tested against them). They follow the weight conventions of
@@ -51,11 +54,14 @@ class ActivationMode:
     kind: ``weight_only`` or ``dynamic``.
     granularity: for ``dynamic``, one activation scale per ``tensor``, per ``row`` (token) or per ``block``.
     block: the activation block length along K for ``granularity == "block"``.
+    exact: quantize bit-identically to ``quantize_activation`` everywhere (``True``), or let compiled graphs
+        use the fast, fusable form that may differ by one grid step (``False``; see ``quantize_activation_fusable``).
     """
 
     kind: str = "weight_only"
     granularity: str = "row"
     block: int = DEFAULT_BLOCK
+    exact: bool = True  # a class attribute too, so modes pickled before this field existed read as exact
 
     def __post_init__(self) -> None:
         if self.kind not in ACTIVATION_KINDS:
@@ -66,6 +72,8 @@ class ActivationMode:
             )
         if self.block <= 0:
             raise ValueError(f"ActivationMode.block must be positive, got {self.block}")
+        if not isinstance(self.exact, bool):
+            raise TypeError(f"ActivationMode.exact must be a bool, got {self.exact!r}")
 
     @property
     def is_dynamic(self) -> bool:
@@ -82,13 +90,15 @@ class ActivationMode:
         if not self.is_dynamic:
             return "weight_only"
         suffix = f"{self.block}" if self.granularity == "block" else ""
-        return f"dynamic/{self.granularity}{suffix}"
+        return f"dynamic/{self.granularity}{suffix}" + ("" if self.exact else "/fast")
 
 
 WEIGHT_ONLY = ActivationMode()
 
 
-def activation_mode_for(kind: str, qdtype: torch.dtype, weight_block_size: tuple[int, int], shape) -> ActivationMode:
+def activation_mode_for(
+    kind: str, qdtype: torch.dtype, weight_block_size: tuple[int, int], shape, exact: bool = True
+) -> ActivationMode:
     """The activation mode that matches a weight layout.
 
     ``weight_only`` needs no choice. For ``dynamic`` the activation granularity follows the weight: a block-wise
@@ -97,7 +107,7 @@ def activation_mode_for(kind: str, qdtype: torch.dtype, weight_block_size: tuple
     it is both more accurate (one outlier token no longer coarsens every other token's grid) and faster: cuBLAS's
     row-wise FP8 GEMM with fast accumulation ran 3072 -> 9216 at M = 4608 in 222 us against 271 us for the
     tensor-wise one (H100, CUDA graphs; DEVELOPMENT.md "Kernels"). ``ActivationMode("dynamic", "tensor")`` can still
-    be set explicitly.
+    be set explicitly. ``exact`` is passed through (see ``ActivationMode``).
     """
     if kind == "weight_only":
         return WEIGHT_ONLY
@@ -106,8 +116,8 @@ def activation_mode_for(kind: str, qdtype: torch.dtype, weight_block_size: tuple
     n, k = int(shape[0]), int(shape[1])
     bn, bk = weight_block_size
     if (bn, bk) == (n, k) or bn == 1:
-        return ActivationMode("dynamic", "row")
-    return ActivationMode("dynamic", "block", bk)
+        return ActivationMode("dynamic", "row", exact=exact)
+    return ActivationMode("dynamic", "block", bk, exact=exact)
 
 
 def activation_block_size(x2d: torch.Tensor, mode: ActivationMode) -> tuple[int, int]:
@@ -153,13 +163,21 @@ def _check_activation(x2d: torch.Tensor, mode: ActivationMode) -> None:
 def quantize_activation_fusable(
     x2d: torch.Tensor, qdtype: torch.dtype, mode: ActivationMode
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_activation`` in plain torch ops that Inductor fuses *and* keeps bit-identical on every device.
+    """``quantize_activation`` in plain torch ops that Inductor fuses with the producer of ``x2d``.
 
     Same arguments, results and errors as ``quantize_activation``. Inside ``torch.compile`` these ops fuse with
-    whatever produced ``x2d`` (LayerNorm, modulation, GELU) into one generated kernel. The reference's own ops would
-    not stay exact there on CUDA (measured on the H100, torch 2.11: 0.1-0.6 % of the FP8 bytes and 60 % of the row
-    scales differed): Inductor turns ``amax / qmax`` into a multiplication by ``1 / qmax``, emits Triton's
-    approximate ``div.full.f32`` for ``x / scale``, and leaves the float32 -> e4m3fn rounding to Triton. Here:
+    whatever produced ``x2d`` (LayerNorm, modulation, GELU) into one generated kernel.
+
+    With ``mode.exact == False`` this *is* the reference's own code, left to Inductor: eager it is bit-identical,
+    compiled on CUDA the division is Triton's approximate one and the e4m3 rounding the hardware cast, so a value may
+    land one grid step away and a scale one unit in the last place away — the price of the cheapest fused kernel
+    (float32 only, no explicit rounding), the same trade torchao's dynamic FP8 makes.
+
+    With ``mode.exact`` (the default) the result stays bit-identical on every device. The reference's own ops
+    would not stay exact in a compiled graph on CUDA (measured on the H100, torch 2.11: 0.1-0.6 % of the FP8 bytes
+    and 60 % of the row scales differed): Inductor turns ``amax / qmax`` into a multiplication by ``1 / qmax``,
+    emits Triton's approximate ``div.full.f32`` for ``x / scale``, and leaves the float32 -> e4m3fn rounding to
+    Triton. Here:
 
     * the scale is the correctly rounded float32 ``amax / qmax``, however the division was compiled: a guess, then
       the neighbour (by bit pattern) whose product with ``qmax`` is nearest ``amax``, products and differences
@@ -170,6 +188,8 @@ def quantize_activation_fusable(
     * FP8 values are rounded onto the e4m3fn grid explicitly (scaled by the power of two that makes the grid step
       1, ``torch.round``, scaled back), so the final cast only ever sees representable values.
     """
+    if not mode.exact:
+        return quantize_activation(x2d, qdtype, mode)
     _check_activation(x2d, mode)
     xf = x2d.float()
     amax = _group_amax(xf, mode)

@@ -28,11 +28,11 @@ COMPILED_OP = {"row_scaled_linear": "row_scaled_gemm", "block_scaled_linear": "b
 SQNR_FLOOR_DB = 37.0  # vs the float32 emulation; bf16 output (and bf16 dequantized weight) rounding ~43-50 dB
 
 
-def _quantized_linear(fmt: str, kind: str, kernel: str = "triton", n: int = 64, k: int = 96):
+def _quantized_linear(fmt: str, kind: str, kernel: str = "triton", n: int = 64, k: int = 96, exact: bool = True):
     spec = format_spec(fmt, 32)
     linear = torch.nn.Linear(k, n, bias=True, dtype=torch.bfloat16)
     q, s, block_size = quantize_rtn(linear.weight.detach(), spec)
-    act = activation_mode_for(kind, spec.qdtype, block_size, (n, k))
+    act = activation_mode_for(kind, spec.qdtype, block_size, (n, k), exact)
     weight = make_weight_tensor(q, s, block_size, torch.bfloat16, act=act, kernel=kernel)
     linear.weight = torch.nn.Parameter(weight, requires_grad=False)
     return linear.to(DEVICE)
@@ -105,3 +105,20 @@ def test_compiled_wide_activation_quantized_in_graph(fmt, monkeypatch):
         out, codes = run_and_get_code(torch.compile(linear, fullgraph=True, dynamic=True), x)
     FileCheck().check(f"lrq_ao.{COMPILED_OP[op]}").check_not(f"lrq_ao.{op}").run("\n".join(codes))
     assert torch.equal(eager, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["int8", "int8_block"])
+def test_compiled_fast_activation_quantization_is_in_graph_at_any_k(fmt):
+    """``exact=False``: at K = 96 (far under FUSED_QUANT_MIN_K) the compiled graph still quantizes in plain torch
+    ops and calls only the GEMM op, and the result stays within bf16 noise of the eager (exact) call."""
+    torch._dynamo.reset()
+    linear = _quantized_linear(fmt, "dynamic", exact=False)
+    assert str(linear.weight.act).endswith("/fast")
+    op = EXPECTED[(fmt, "dynamic")][1]
+    x = scaled_randn(5, 96)
+    with torch.no_grad():
+        eager = linear(x)
+        out, codes = run_and_get_code(torch.compile(linear, fullgraph=True, dynamic=True), x)
+    FileCheck().check(f"lrq_ao.{COMPILED_OP[op]}").check_not(f"lrq_ao.{op}").run("\n".join(codes))
+    assert sqnr(eager, out) > 40.0

@@ -170,3 +170,49 @@ def test_explicit_e4m3_rounding_matches_the_cast_on_every_bfloat16_and_near_ever
     values = torch.cat([bf16[bf16.isfinite()], near.flatten(), -near.flatten(), torch.tensor([500.0, -1e30])])
     expected = values.clamp(-448, 448).to(FP8_DTYPE)
     assert torch.equal(round_to_e4m3_exactly(values).view(torch.uint8), expected.view(torch.uint8))
+
+
+# exact=False: the reference's own ops, left to Inductor (cheaper, fused; a value may move by one grid step).
+FAST_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def test_fast_mode_is_named_serialized_and_old_modes_read_as_exact():
+    fast = ActivationMode("dynamic", "block", 64, exact=False)
+    assert str(fast) == "dynamic/block64/fast" and str(ActivationMode("dynamic", "row")) == "dynamic/row"
+    assert ActivationMode.from_dict(fast.to_dict()) == fast
+    assert ActivationMode.from_dict({"kind": "dynamic", "granularity": "row", "block": 128}).exact is True
+    old = object.__new__(ActivationMode)  # what unpickling a mode saved before the field existed builds
+    old.__dict__.update(kind="dynamic", granularity="row", block=128)
+    assert old.exact is True and old == ActivationMode("dynamic", "row")
+    with pytest.raises(TypeError, match="exact must be a bool"):
+        ActivationMode("dynamic", "row", exact="no")
+
+
+def _grid_ordinal(q: torch.Tensor) -> torch.Tensor:
+    """Position on the quantization grid: neighbouring representable values differ by one."""
+    if q.dtype == torch.int8:
+        return q.int()
+    code = q.view(torch.uint8).int()
+    magnitude = code & 0x7F  # e4m3fn magnitudes are ordered like their codes
+    return torch.where(code >= 0x80, -magnitude, magnitude)
+
+
+def _quantize_fast(x: torch.Tensor, qdtype: torch.dtype, mode: ActivationMode):
+    return quantize_activation_fusable(x * 1.0, qdtype, mode)  # the multiply: a producer to fuse with
+
+
+@pytest.mark.parametrize("device", FAST_DEVICES)
+@pytest.mark.parametrize("qdtype", [FP8_DTYPE, torch.int8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("granularity", ["tensor", "row", "block"])
+def test_fast_mode_compiled_is_within_one_grid_step_of_the_reference(device, qdtype, granularity):
+    mode = ActivationMode("dynamic", granularity, 32, exact=False)
+    x = _wide(33, 96).to(device)
+    eager = quantize_activation_fusable(x, qdtype, mode)
+    reference = quantize_activation(x, qdtype, mode)
+    assert torch.equal(eager[1], reference[1]) and _same_bytes(eager[0], reference[0])  # eager: the reference
+    (q, s), (q_ref, s_ref) = torch.compile(_quantize_fast, fullgraph=True)(x, qdtype, mode), reference
+    assert ((s.view(torch.int32) - s_ref.view(torch.int32)).abs() <= 1).all()  # one unit in the last place
+    assert ((_grid_ordinal(q) - _grid_ordinal(q_ref)).abs() <= 1).all()
+    x_ref = x.float().cpu()
+    exact_db = sqnr(x_ref, dequantize_activation(q_ref, s_ref, mode).cpu())
+    assert abs(sqnr(x_ref, dequantize_activation(q, s, mode).cpu()) - exact_db) < 0.05
