@@ -9,11 +9,12 @@ Every ``nn.Linear`` is quantized (lrq_ao through ``lrq_ao.quantize_``, round-to-
 ``quantize_``); the whole stack runs under ``torch.compile(fullgraph=True)``.
 
 Every variant runs in its own worker process (``--jobs``, default: all at once), because compiling is most of the
-wall time and the 16 cores of the lent H100 machine can compile them side by side; each worker prints when it
-has compiled and when it has been timed, and its stderr is shown if it fails. The GPU is shared through a
-reader-writer file lock (``bench_linear.GpuLock``): building, compiling and the first calls hold it shared, timing
-holds it exclusively, so nothing else runs on the GPU while a variant is timed. ``--gpu-lock FILE`` lets other
-benchmark processes share the same lock.
+wall time and the 16 cores of the lent GPU machine can compile them side by side; each worker prints when it
+has compiled and when it has been timed, and its stderr is shown if it fails. When all run at once, none is timed
+before every one has compiled (a directory of marker files), so no compiler competes for the CPU during timing.
+The GPU is shared through a reader-writer file lock (``bench_linear.GpuLock``): building, compiling and the first
+calls hold it shared, timing holds it exclusively, so nothing else runs on the GPU while a variant is timed.
+``--gpu-lock FILE`` lets other benchmark processes share the same lock (their compilers are not held back).
 
 Timing: ``triton.testing.do_bench`` median (the stack is milliseconds long, so Python overhead is hidden behind GPU
 work). Quality: SQNR (dB) of the stack's output against the bf16 eager stack on the same input (each worker builds
@@ -138,7 +139,19 @@ def sqnr(ref: torch.Tensor, y: torch.Tensor) -> float:
 BASELINES = ("bf16_eager", "bf16_compiled")
 
 
-def run_variant(name: str, blocks: int, tokens: int, lock: GpuLock) -> dict:
+def wait_for_all_compiled(barrier: str | None, name: str, count: int, limit_s: float = 300.0) -> None:
+    """Mark this worker compiled and wait (sleeping) until ``count`` workers are, so no compiler competes for the
+    CPU while a variant is timed: the stack is timed without CUDA graphs, so a starved launching thread would
+    show up as GPU time."""
+    if barrier is None:
+        return
+    open(os.path.join(barrier, name), "w").close()
+    deadline = time.monotonic() + limit_s
+    while len(os.listdir(barrier)) < count and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def run_variant(name: str, blocks: int, tokens: int, lock: GpuLock, barrier=None, count: int = 0) -> dict:
     """Build, compile, time and score one variant in this process; progress lines go to stdout."""
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -159,6 +172,7 @@ def run_variant(name: str, blocks: int, tokens: int, lock: GpuLock) -> dict:
         out = fn(x, vec)  # compile, autotune, warm up
         fn(x, vec)
     print(f"  [{name}] built and compiled after {time.perf_counter() - start:.0f} s", flush=True)
+    wait_for_all_compiled(barrier, name, count)
     with lock.exclusive(), torch.inference_mode():
         p20, p50, p80 = triton.testing.do_bench(lambda: fn(x, vec), quantiles=[0.2, 0.5, 0.8], rep=300)
     print(f"  [{name}] {p50:.2f} ms, timed after {time.perf_counter() - start:.0f} s", flush=True)
@@ -169,6 +183,9 @@ def run_in_workers(args, names: list[str]) -> list[dict]:
     """One process per variant, at most ``args.jobs`` at a time; returns their rows in ``names`` order."""
     with tempfile.TemporaryDirectory() as tmp:
         lock = args.gpu_lock or os.path.join(tmp, "gpu.lock")
+        barrier = os.path.join(tmp, "compiled")
+        os.makedirs(barrier)
+        together = len(names) if args.jobs >= len(names) else 0  # a barrier only when every worker runs at once
         env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "1"))
         pending, running, rows = list(names), [], {}
         while pending or running:
@@ -177,6 +194,7 @@ def run_in_workers(args, names: list[str]) -> list[dict]:
                 out = os.path.join(tmp, name)
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--blocks", str(args.blocks)]
                 cmd += ["--tokens", str(args.tokens), "--gpu-lock", lock, "--csv", out + ".json"]
+                cmd += ["--barrier", barrier, "--barrier-count", str(together)] if together else []
                 log = open(out + ".log", "w")  # noqa: SIM115 - closed when the worker exits
                 running.append((subprocess.Popen(cmd, stderr=log, env=env), log, name))  # progress on our stdout
             proc, log, name = running.pop(0)
@@ -204,13 +222,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=len(VARIANTS) + len(BASELINES), help="worker processes")
     parser.add_argument("--gpu-lock", help="lock file shared with other benchmark processes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # run this one variant, write its row as JSON
+    parser.add_argument("--barrier", help=argparse.SUPPRESS)  # directory where workers mark themselves compiled
+    parser.add_argument("--barrier-count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--csv", default="bench_block.csv")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_block.py needs a CUDA GPU")
     torch._dynamo.config.recompile_limit = 64
     if args.worker:
-        row = run_variant(args.worker, args.blocks, args.tokens, GpuLock(args.gpu_lock))
+        try:
+            row = run_variant(
+                args.worker, args.blocks, args.tokens, GpuLock(args.gpu_lock), args.barrier, args.barrier_count
+            )
+        except BaseException:
+            if args.barrier:  # a failed worker still counts, or the others would wait for it
+                open(os.path.join(args.barrier, args.worker), "w").close()
+            raise
         with open(args.csv, "w") as f:
             json.dump(row, f)
         return
