@@ -5,8 +5,9 @@ eats into it is quantizing the activation. Here that is one Triton pass per row 
 cast pass (``tensor``), see ``act_quant``; the bias goes into ``_scaled_mm``'s epilogue.
 
 Weight scales: per tensor ``(1, 1)`` or per row ``(N, 1)``. A per-tensor weight with per-row activations is
-given to cuBLAS as a broadcast ``(1, N)`` row-wise scale (cuBLAS wants both operands of one kind). Accumulation
-as ``torch_scaled_mm`` (``SCALED_MM_FAST_ACCUM``), so both FP8 backends give the same GEMM.
+given to cuBLAS as a broadcast ``(1, N)`` row-wise scale (cuBLAS wants both operands of one kind). The GEMM call is
+``layouts.linear.scaled_mm_linear``, shared with ``torch_scaled_mm``, so both FP8 backends give the same GEMM (and
+the same way around cuBLAS's missing row-wise kernels for K > N at small M).
 
 Inside ``torch.compile`` with ``kernel='auto'`` the TORCH backend runs instead (see ``kernels.backends``): this op is
 opaque to Inductor, while that backend's quantization fuses with the producer of the activation.
@@ -20,7 +21,7 @@ import torch
 
 from lrq_ao.kernels._runtime import check_contiguous_last, check_device
 from lrq_ao.kernels.act_quant import quantize_activation_triton
-from lrq_ao.layouts.linear import SCALED_MM_FAST_ACCUM
+from lrq_ao.layouts.linear import scaled_mm_linear
 from lrq_ao.primitives import FP8_DTYPE
 
 ACT_GRANULARITIES = ("tensor", "row")
@@ -52,16 +53,8 @@ def fp8_scaled_mm_linear(
     if w_scale.dtype != torch.float32 or w_scale.shape not in ((1, 1), (n, 1)):
         raise ValueError(f"{name}: w_scale must be float32 (1, 1) or ({n}, 1), got {w_scale.dtype} {w_scale.shape}")
     xq, x_scale = quantize_activation_triton(x, FP8_DTYPE, act_granularity)
-    if act_granularity == "row" or w_scale.shape[0] != 1:
-        w_scale_b = w_scale.reshape(1, -1).expand(1, n).contiguous()
-        if x_scale.shape[0] == 1 and x.shape[0] != 1:
-            x_scale = x_scale.expand(x.shape[0], 1).contiguous()
-    else:
-        w_scale_b = w_scale
-    bias = bias.to(x.dtype) if bias is not None else None
-    return torch._scaled_mm(
-        xq, wq.t(), x_scale, w_scale_b, bias=bias, out_dtype=x.dtype, use_fast_accum=SCALED_MM_FAST_ACCUM
-    )
+    rowwise = act_granularity == "row" or w_scale.shape[0] != 1
+    return scaled_mm_linear(xq, x_scale, wq, w_scale, rowwise, bias, x.dtype)
 
 
 @torch.library.custom_op("lrq_ao::fp8_scaled_mm_linear", mutates_args=())

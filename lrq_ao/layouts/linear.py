@@ -232,18 +232,48 @@ def run_scaled_mm(x, weight, bias):
     n, k = weight.shape
     x2d = x.reshape(-1, k)
     xq, x_scale = quantize_activation_fusable(x2d, FP8_DTYPE, weight.act)
-    x_scale, w_scale = scaled_mm_scales(x_scale, weight.scale, is_rowwise_scaled_mm(weight), x2d.shape[0], n)
-    bias = None if bias is None else bias.to(x.dtype)
-    wq_t = weight.qdata.contiguous().t()  # column-major (K, N), as cuBLAS wants the second operand
-    y = torch._scaled_mm(
-        xq, wq_t, scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=x.dtype, use_fast_accum=SCALED_MM_FAST_ACCUM
-    )
+    y = scaled_mm_linear(xq, x_scale, weight.qdata, weight.scale, is_rowwise_scaled_mm(weight), bias, x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
 def is_rowwise_scaled_mm(weight: QuantizedWeightTensor) -> bool:
     """Whether ``torch._scaled_mm`` runs row-wise (per-token activations or a per-row weight) for this weight."""
     return weight.act.granularity == "row" or weight.block_size[0] == 1
+
+
+# cuBLAS's row-wise (outer-vector scaled) FP8 GEMM finds no algorithm for K > N at small M:
+# CUBLAS_STATUS_NOT_SUPPORTED from cublasLtMatmulAlgoGetHeuristic, for torchao's PerRow on the H100 at M = 1 and 16
+# and for ours and torchao's on the H200 at M = 16 (torch 2.11, CUDA 13.0; 12288 -> 3072, 15360 -> 3072,
+# 10240 -> 4096), while the same shapes ran at M >= 256 and the tensor-wise kernel ran at M = 1 and 16. M from 17
+# to 255 was not measured, so below 256 such shapes take the tensor-wise kernel with unit scales instead.
+ROWWISE_SCALED_MM_MIN_M = 256
+
+
+def rowwise_scaled_mm_unsupported(m, n: int, k: int) -> bool:
+    """Whether cuBLAS's row-wise FP8 GEMM is avoided for an ``(m, k) x (k, n)`` product (see above)."""
+    return k > n and m < ROWWISE_SCALED_MM_MIN_M
+
+
+def scaled_mm_linear(xq, x_scale, wq, w_scale, rowwise: bool, bias, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(xq * x_scale) @ (wq * w_scale).T + bias`` through ``torch._scaled_mm``, for FP8 ``xq (M, K)`` and
+    ``wq (N, K)``, scales as ``quantize_activation`` and the weight layouts store them.
+
+    Where the row-wise kernel is unavailable (``rowwise_scaled_mm_unsupported``) the tensor-wise one runs with unit
+    scales and the two scale vectors and the bias are applied to its output in float32: the same per-token
+    arithmetic, one extra bfloat16 rounding of the unscaled sum. Under ``torch.compile`` the test on M becomes a
+    guard, so a graph serves either side of the threshold."""
+    m, (n, k) = xq.shape[0], wq.shape
+    wq_t = wq.contiguous().t()  # column-major (K, N), as cuBLAS wants the second operand
+    bias = None if bias is None else bias.to(out_dtype)
+    if rowwise and rowwise_scaled_mm_unsupported(m, n, k):
+        one = x_scale.new_ones((1, 1))
+        y = torch._scaled_mm(xq, wq_t, one, one, out_dtype=out_dtype, use_fast_accum=SCALED_MM_FAST_ACCUM)
+        y = y.float() * x_scale.reshape(-1, 1) * w_scale.reshape(1, -1)
+        return (y if bias is None else y + bias.float()).to(out_dtype)
+    x_scale, w_scale = scaled_mm_scales(x_scale, w_scale, rowwise, m, n)
+    return torch._scaled_mm(
+        xq, wq_t, scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=out_dtype, use_fast_accum=SCALED_MM_FAST_ACCUM
+    )
 
 
 def scaled_mm_scales(x_scale: torch.Tensor, w_scale: torch.Tensor, rowwise: bool, m, n: int):

@@ -223,3 +223,55 @@ def test_int_mm_selected_and_accurate_on_cuda():
     assert select_linear_backend(x, w)[0].name == "torch_int_mm"  # under AUTO the Triton row GEMM ranks first
     expected = emulated_linear(x, w.qdata, w.scale, w.block_size, w.act)
     assert sqnr(expected.double(), F.linear(x, w)) >= 40
+
+
+# cuBLAS's row-wise FP8 GEMM has no algorithm for K > N at small M (measured on the H100 / H200; see
+# layouts.linear.ROWWISE_SCALED_MM_MIN_M): such products take the tensor-wise kernel with unit scales.
+def test_rowwise_scaled_mm_is_avoided_only_for_k_above_n_at_small_m():
+    from lrq_ao.layouts.linear import ROWWISE_SCALED_MM_MIN_M, rowwise_scaled_mm_unsupported
+
+    assert rowwise_scaled_mm_unsupported(16, 3072, 12288) and rowwise_scaled_mm_unsupported(1, 4096, 10240)
+    assert not rowwise_scaled_mm_unsupported(ROWWISE_SCALED_MM_MIN_M, 3072, 12288)
+    assert not rowwise_scaled_mm_unsupported(16, 9216, 3072)
+
+
+def _fp8_operands(m: int, n: int, k: int, device: str = "cpu"):
+    from lrq_ao.layouts.activation import quantize_activation
+
+    g = torch.Generator().manual_seed(m * 7 + n)
+    x = (torch.randn(m, k, generator=g) * torch.logspace(-1, 1, k)).to(torch.bfloat16).to(device)
+    w = Float8Tensor.from_hp(torch.randn(n, k, generator=g).to(torch.bfloat16).to(device), "row", act=DYNAMIC_ROW)
+    xq, x_scale = quantize_activation(x, w.qdata.dtype, DYNAMIC_ROW)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16).to(device)
+    expected = x_scale.double() * (xq.double() @ w.qdata.double().t()) * w.scale.double().t() + bias.double()
+    return xq, x_scale, w, bias, expected
+
+
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_scaled_mm_linear_unit_scale_route_matches_the_rowwise_product(m):
+    """On CPU both routes run (torch's CPU ``_scaled_mm``): the unit-scale one (K > N, M < 256) must give the
+    row-wise product within bfloat16 rounding, against a float64 computation of the same quantized operands."""
+    from lrq_ao.layouts.linear import scaled_mm_linear, scaled_mm_scales
+
+    xq, x_scale, w, bias, expected = _fp8_operands(m, 32, 96)
+    y = scaled_mm_linear(xq, x_scale, w.qdata, w.scale, True, bias, torch.bfloat16)
+    a, b = scaled_mm_scales(x_scale, w.scale, True, m, 32)
+    rowwise = torch._scaled_mm(xq, w.qdata.t(), a, b, bias=bias, out_dtype=torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, 32)
+    assert sqnr(expected, y) > 45 and sqnr(expected, rowwise) > 45
+
+
+@pytest.mark.skipif(_cuda_capability() < (8, 9), reason="torch._scaled_mm FP8 needs CUDA SM >= 8.9")
+@pytest.mark.parametrize("m", [1, 16, 17, 255, 256])
+def test_fp8_dynamic_k_above_n_runs_at_every_m_on_cuda(m):
+    """12288 -> 3072 at M = 16 raised CUBLAS_STATUS_NOT_SUPPORTED through the row-wise kernel (H200, torch 2.11)."""
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 12288, generator=g).to(torch.bfloat16).cuda()
+    w = Float8Tensor.from_hp(torch.randn(3072, 12288, generator=g).to(torch.bfloat16).cuda(), "row", act=DYNAMIC_ROW)
+    bias = torch.randn(3072, generator=g).to(torch.bfloat16).cuda()
+    expected = emulated_linear(x, w.qdata, w.scale, w.block_size, w.act, bias)
+    for kernel in (KernelChoice.AUTO, KernelChoice.TORCH):
+        weight = _with_kernel(w, kernel)
+        assert sqnr(expected, F.linear(x, weight, bias)) > 40, kernel
+        torch._dynamo.reset()
+        assert sqnr(expected, torch.compile(F.linear, fullgraph=True)(x, weight, bias)) > 40, kernel
