@@ -19,10 +19,11 @@ those rank first. FP8 dynamic: ``triton_fp8_scaled_mm`` ranks first (it ends in 
 plain-torch quantization is several eager kernels). An earlier version stepped aside inside ``torch.compile`` for
 ``torch_scaled_mm``; the next backend by priority then was ``triton_w8a8_row`` (our FP8 GEMM), slower than cuBLAS
 (H100, M = 4608: 1.41x vs 1.47x bf16 at 3072 -> 9216, 0.98x vs 1.16x at 12288 -> 3072), so it no longer does.
-Inside ``torch.compile`` the FP8 and W8A8 backends quantize wide activations (K >= ``FUSED_QUANT_MIN_K``) with
-the fusable plain-torch code and call only the GEMM (``_scaled_mm`` / ``row_scaled_gemm`` / ``block_scaled_gemm``);
-narrower ones, and every eager call, use the one-pass Triton quantizer. Both quantizations are bit-identical to the
-reference, so eager and compiled results agree. Why: on the H100 the Triton pass is the faster one at K = 3072 and
+Inside ``torch.compile`` the FP8 and W8A8 backends quantize wide activations (K >= ``FUSED_QUANT_MIN_K``), and
+every activation of a weight in fast mode (``act.exact`` false), with the fusable plain-torch code and call only the
+GEMM (``_scaled_mm`` / ``row_scaled_gemm`` / ``block_scaled_gemm``); narrower ones, and every eager call, use the
+one-pass Triton quantizer. In exact mode both quantizations are bit-identical to the reference, so eager and
+compiled results agree. Why: on the H100 the Triton pass is the faster one at K = 3072 and
 the slower one on wide rows (per-row K = 12288: 194 us where one read + one write is ~57 us), see
 ``FUSED_QUANT_MIN_K`` and DEVELOPMENT.md "Kernels".
 The weight-only kernel ranks *above* ``torch_weight_only`` because its split-K small-M path beat bf16 at M <= 16 on

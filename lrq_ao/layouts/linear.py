@@ -131,6 +131,9 @@ def describe_selection(x: torch.Tensor, weight: QuantizedWeightTensor, bias: tor
         traced, _ = select_linear_backend(mode.from_tensor(x), weight, bias)
     if traced.name != backend.name:
         lines.append(f"  under torch.compile: {traced.name}")
+    m, (n, k) = x.numel() // x.shape[-1], weight.shape
+    if backend.name in SCALED_MM_BACKENDS and is_rowwise_scaled_mm(weight) and rowwise_scaled_mm_unsupported(m, n, k):
+        lines.append(f"  at M={m}: cuBLAS's tensor-wise FP8 GEMM with unit scales, both scales applied to its output")
     return "\n".join(lines)
 
 
@@ -247,6 +250,7 @@ def is_rowwise_scaled_mm(weight: QuantizedWeightTensor) -> bool:
 # 10240 -> 4096), while the same shapes ran at M >= 256 and the tensor-wise kernel ran at M = 1 and 16. M from 17
 # to 255 was not measured, so below 256 such shapes take the tensor-wise kernel with unit scales instead.
 ROWWISE_SCALED_MM_MIN_M = 256
+SCALED_MM_BACKENDS = ("torch_scaled_mm", "triton_fp8_scaled_mm")  # the backends that end in scaled_mm_linear
 
 
 def rowwise_scaled_mm_unsupported(m, n: int, k: int) -> bool:

@@ -270,6 +270,7 @@ def test_fp8_dynamic_k_above_n_runs_at_every_m_on_cuda(m):
     w = Float8Tensor.from_hp(torch.randn(3072, 12288, generator=g).to(torch.bfloat16).cuda(), "row", act=DYNAMIC_ROW)
     bias = torch.randn(3072, generator=g).to(torch.bfloat16).cuda()
     expected = emulated_linear(x, w.qdata, w.scale, w.block_size, w.act, bias)
+    assert ("tensor-wise FP8 GEMM with unit scales" in w.describe(x)) == (m < 256)
     for kernel in (KernelChoice.AUTO, KernelChoice.TORCH):
         weight = _with_kernel(w, kernel)
         assert sqnr(expected, F.linear(x, weight, bias)) > 40, kernel
