@@ -37,6 +37,7 @@ import fcntl
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -390,7 +391,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_in_workers(args, shapes: list[tuple[int, int]], copy_gbs: float) -> None:
-    """One worker process per group of shapes; their tables are printed and their CSVs merged in shape order."""
+    """One worker process per group of shapes; their tables are printed and their CSVs merged in shape order, also
+    when the run is interrupted (SIGINT / SIGTERM): a timed-out run still reports the rows it finished."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     groups = [shapes[i :: args.jobs] for i in range(min(args.jobs, len(shapes)))]
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.worker_dir or scratch
@@ -406,16 +409,24 @@ def run_in_workers(args, shapes: list[tuple[int, int]], copy_gbs: float) -> None
             log = open(out + ".log", "w")  # noqa: SIM115 - closed after the worker exits
             workers.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, out))
         failed = 0
-        for proc, log, _ in workers:
-            failed += proc.wait() != 0
-            log.close()
+        try:
+            for proc, log, _ in workers:
+                failed += proc.wait() != 0
+                log.close()
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from timeout(1): keep what the workers measured so far
+            print("interrupted: stopping the workers; their rows so far follow", flush=True)
+            for proc, log, _ in workers:
+                proc.terminate()
+                proc.wait()
+                log.close()
+            failed = len(workers)
         merged = []
         for _, _, out in workers:
             with open(out + ".log") as f:
                 print(f.read(), end="")
             if os.path.exists(out + ".csv") and os.path.getsize(out + ".csv"):
                 with open(out + ".csv", newline="") as f:
-                    merged.extend(csv.DictReader(f))
+                    merged.extend(row for row in csv.DictReader(f) if None not in row.values())  # no cut-off rows
         order = {shape: i for i, shape in enumerate(shapes)}
         merged.sort(key=lambda r: (order[(int(r["K"]), int(r["N"]))], int(r["M"])))
         if merged:
