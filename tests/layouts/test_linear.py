@@ -276,3 +276,16 @@ def test_fp8_dynamic_k_above_n_runs_at_every_m_on_cuda(m):
         assert sqnr(expected, F.linear(x, weight, bias)) > 40, kernel
         torch._dynamo.reset()
         assert sqnr(expected, torch.compile(F.linear, fullgraph=True)(x, weight, bias)) > 40, kernel
+
+
+def test_scaled_mm_linear_compiles_on_both_sides_of_the_m_threshold():
+    """The test on M is a guard under torch.compile(dynamic=True): no graph break, the same result as eager below
+    and above ``ROWWISE_SCALED_MM_MIN_M`` (CPU ``_scaled_mm``, K > N)."""
+    from lrq_ao.layouts.linear import ROWWISE_SCALED_MM_MIN_M, scaled_mm_linear
+
+    torch._dynamo.reset()
+    compiled = torch.compile(scaled_mm_linear, fullgraph=True, dynamic=True)
+    for m in (16, 40, ROWWISE_SCALED_MM_MIN_M + 44, 20):
+        xq, x_scale, w, bias, _ = _fp8_operands(m, 32, 96)
+        eager = scaled_mm_linear(xq, x_scale, w.qdata, w.scale, True, bias, torch.bfloat16)
+        assert torch.equal(compiled(xq, x_scale, w.qdata, w.scale, True, bias, torch.bfloat16), eager), m
