@@ -14,7 +14,9 @@ symbolic under ``torch.compile(dynamic=True)``. Built-in backends:
 * ``torch_scaled_mm`` (TORCH): FP8 dynamic, per-tensor or per-row scales, ``torch._scaled_mm`` on CUDA SM >= 8.9,
   bias in cuBLAS's epilogue. Its activation quantization (``quantize_activation_fusable``) is plain torch code, so
   inside ``torch.compile`` Inductor fuses it with the LayerNorm / modulation / GELU that produced the activation;
-  it stays bit-identical to the reference. This is what ``kernel='auto'`` runs inside ``torch.compile``.
+  it stays bit-identical to the reference unless the weight asks for the fast mode (``act.exact`` false). For
+  K > N at M < 256 the GEMM is cuBLAS's tensor-wise kernel with the scales applied after it
+  (``scaled_mm_linear``: cuBLAS has no row-wise kernel there); that choice is made at run time, as a guard.
 * ``torch_int_mm`` (TORCH): INT8 dynamic per-token with a per-row / per-tensor weight, ``torch._int_mm`` on CUDA
   (same fusable quantization).
 * ``emulated`` (EMULATED): ``lrq_ao.layouts.activation.emulated_linear``, the float32 reference.
