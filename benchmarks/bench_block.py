@@ -151,7 +151,28 @@ def wait_for_all_compiled(barrier: str | None, name: str, count: int, limit_s: f
         time.sleep(0.5)
 
 
-def run_variant(name: str, blocks: int, tokens: int, lock: GpuLock, barrier=None, count: int = 0) -> dict:
+def kernel_profile(fn, calls: int = 5, top: int = 14) -> list[str]:
+    """The GPU kernels of ``calls`` runs of ``fn`` by total device time, as lines: microseconds per run, launches per
+    run, share of the run, name. Shows where two variants' time differs, kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in kernels)
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    return [
+        f"{e.self_device_time_total / calls:9.1f} us {e.count / calls:4.0f}x"
+        f" {100 * e.self_device_time_total / total:5.1f}%  {e.key[:110]}"
+        for e in kernels[:top]
+    ] + [f"{total / calls:9.1f} us in all ({len(kernels)} kernels)"]
+
+
+def run_variant(
+    name: str, blocks: int, tokens: int, lock: GpuLock, barrier=None, count: int = 0, profile: bool = False
+) -> dict:
     """Build, compile, time and score one variant in this process; progress lines go to stdout."""
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -175,7 +196,9 @@ def run_variant(name: str, blocks: int, tokens: int, lock: GpuLock, barrier=None
     wait_for_all_compiled(barrier, name, count)
     with lock.exclusive(), torch.inference_mode():
         p20, p50, p80 = triton.testing.do_bench(lambda: fn(x, vec), quantiles=[0.2, 0.5, 0.8], rep=300)
+        kernels = kernel_profile(lambda: fn(x, vec)) if profile else []
     print(f"  [{name}] {p50:.2f} ms, timed after {time.perf_counter() - start:.0f} s", flush=True)
+    print("".join(f"  [{name}] {line}\n" for line in kernels), end="", flush=True)
     return {"variant": name, "how": how, "p20_ms": p20, "median_ms": p50, "p80_ms": p80, "sqnr_db": sqnr(ref, out)}
 
 
@@ -195,6 +218,7 @@ def run_in_workers(args, names: list[str]) -> list[dict]:
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--blocks", str(args.blocks)]
                 cmd += ["--tokens", str(args.tokens), "--gpu-lock", lock, "--csv", out + ".json"]
                 cmd += ["--barrier", barrier, "--barrier-count", str(together)] if together else []
+                cmd += ["--profile"] if args.profile else []
                 log = open(out + ".log", "w")  # noqa: SIM115 - closed when the worker exits
                 running.append((subprocess.Popen(cmd, stderr=log, env=env), log, name))  # progress on our stdout
             proc, log, name = running.pop(0)
@@ -225,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--barrier", help=argparse.SUPPRESS)  # directory where workers mark themselves compiled
     parser.add_argument("--barrier-count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--csv", default="bench_block.csv")
+    parser.add_argument("--profile", action="store_true", help="after timing, print each variant's top GPU kernels")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_block.py needs a CUDA GPU")
@@ -232,7 +257,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         try:
             row = run_variant(
-                args.worker, args.blocks, args.tokens, GpuLock(args.gpu_lock), args.barrier, args.barrier_count
+                args.worker,
+                args.blocks,
+                args.tokens,
+                GpuLock(args.gpu_lock),
+                args.barrier,
+                args.barrier_count,
+                args.profile,
             )
         except BaseException:
             if args.barrier:  # a failed worker still counts, or the others would wait for it
