@@ -97,15 +97,18 @@ def _quantize_tensorwise_kernel(
         tl.store(s_ptr, scale)
 
 
-def _row_launch_shape(m: int, group_k: int) -> tuple[int, int, bool]:
-    """(ROWS, TILE_K, TWO_PASS): at most ``MAX_ROW_TILE`` elements per program keeps registers in check for any K.
+def _row_launch_shape(m: int, group_k: int) -> tuple[int, int, bool, int]:
+    """(ROWS, TILE_K, TWO_PASS, num_warps): at most ``MAX_ROW_TILE`` elements per program keeps registers in check
+    for any K.
 
     Groups are the grid's second axis, so 1 x 128 groups at M = 16, K = 12288 are 96 programs, not one program
-    walking 96 groups in turn (the first version's shape).
+    walking 96 groups in turn (the first version's shape). Two-pass rows take 8 warps: at M = 4608, K = 12288 on the
+    H200 that is 69 us against 74 us with 4 (``benchmarks/dev_act_quant.py``; wider tiles were slower, 116-137 us).
     """
     tile_k = min(triton.next_power_of_2(group_k), MAX_ROW_TILE)
     rows = max(1, min(MAX_ROW_TILE // tile_k, triton.next_power_of_2(m)))
-    return rows, tile_k, tile_k < group_k
+    two_pass = tile_k < group_k
+    return rows, tile_k, two_pass, 8 if two_pass else 4
 
 
 def quantize_activation_triton(
@@ -142,7 +145,7 @@ def quantize_activation_triton(
     scale = torch.empty((m, k // group_k), dtype=torch.float32, device=device)
     if m == 0:
         return xq, scale
-    rows, tile_k, two_pass = _row_launch_shape(m, group_k)
+    rows, tile_k, two_pass, warps = _row_launch_shape(m, group_k)
     launchable(_quantize_groups_kernel, device)[(triton.cdiv(m, rows), k // group_k)](
         x,
         xq,
@@ -157,6 +160,7 @@ def quantize_activation_triton(
         ROWS=rows,
         TILE_K=tile_k,
         TWO_PASS=two_pass,
+        num_warps=warps,
     )
     return xq, scale
 

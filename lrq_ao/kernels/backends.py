@@ -19,13 +19,12 @@ those rank first. FP8 dynamic: ``triton_fp8_scaled_mm`` ranks first (it ends in 
 plain-torch quantization is several eager kernels). An earlier version stepped aside inside ``torch.compile`` for
 ``torch_scaled_mm``; the next backend by priority then was ``triton_w8a8_row`` (our FP8 GEMM), slower than cuBLAS
 (H100, M = 4608: 1.41x vs 1.47x bf16 at 3072 -> 9216, 0.98x vs 1.16x at 12288 -> 3072), so it no longer does.
-Inside ``torch.compile`` the FP8 and W8A8 backends quantize wide activations (K >= ``FUSED_QUANT_MIN_K``), and
-every activation of a weight in fast mode (``act.exact`` false), with the fusable plain-torch code and call only the
-GEMM (``_scaled_mm`` / ``row_scaled_gemm`` / ``block_scaled_gemm``); narrower ones, and every eager call, use the
-one-pass Triton quantizer. In exact mode both quantizations are bit-identical to the reference, so eager and
-compiled results agree. Why: on the H100 the Triton pass is the faster one at K = 3072 and
-the slower one on wide rows (per-row K = 12288: 194 us where one read + one write is ~57 us), see
-``FUSED_QUANT_MIN_K`` and DEVELOPMENT.md "Kernels".
+Inside ``torch.compile`` the FP8 and W8A8 backends quantize fast-mode activations (``act.exact`` false) narrower
+than ``FUSED_QUANT_MAX_K`` with the fusable plain-torch code and call only the GEMM (``_scaled_mm`` /
+``row_scaled_gemm`` / ``block_scaled_gemm``); wider ones, every exact-mode activation and every eager call use the
+one-pass Triton quantizer (bit-identical to the reference, so eager and compiled exact results agree). Why: fused
+with a LayerNorm at K = 3072 the plain-torch code costs no more than a separate pass, while on wide rows Inductor's
+reduction is 1.7-2.2x slower than the Triton pass (H200), see ``FUSED_QUANT_MAX_K`` and DEVELOPMENT.md "Kernels".
 The weight-only kernel ranks *above* ``torch_weight_only`` because its split-K small-M path beat bf16 at M <= 16 on
 all 7 Flux / T5 shapes (INT8 per-row 1.31-1.78x, FP8 1.14-1.49x) where ``torch_weight_only`` runs at ~0.45x, and at
 M = 64 its tiled path (0.55-1.21x bf16) still beat the dequantize + cuBLAS route (0.40x; H100, CUDA-graph kernel
@@ -83,22 +82,24 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-# Inside torch.compile, activations with at least this many input features are quantized by the fusable plain-torch
-# code (``quantize_activation_fusable``), narrower ones by the Triton pass. Measured on the H100 (M = 4608, CUDA
-# graphs): at K = 3072 the Triton pass wins (FP8 row + cuBLAS 222 us = 1.66x bf16 vs 265 us = 1.47x fused; INT8 row
-# 3072 -> 21504 1.65x vs 1.53x), at K = 10240-15360 the fused code wins (FP8 1.16-1.22x vs ~1.0x; INT8 row 12288 ->
-# 3072 1.11x vs 0.96x; INT8 block 0.82x vs 0.70x): the Triton pass gives each wide row to one program. K = 4096 was
-# not measured with the Triton pass. The rule reads K (static), never M.
-FUSED_QUANT_MIN_K = 8192
+# Inside torch.compile, fast-mode activations narrower than this are quantized by plain torch ops emitted into the
+# graph (``quantize_activation_fusable``), where Inductor fuses them with their producer (LayerNorm, modulation);
+# wider ones, and every exact-mode activation, by the Triton pass. Measured on the H200 (M = 4608, CUDA graphs,
+# ``benchmarks/dev_act_quant.py``): at K = 12288 the Triton pass takes 69-74 us against 128 us for Inductor's fast
+# code and 162 us for its exact code, and after a tanh GELU 149 us (GELU kernel + pass) against 212 / 266 us for the
+# fused reduction, which recomputes the GELU in each of its two loops; at K = 3072 fused and separate are within a
+# few microseconds. (An earlier Triton pass held a whole wide row per program and lost at K >= 10240 on the H100,
+# which is why this rule once pointed the other way.) The rule reads K (static), never M.
+FUSED_QUANT_MAX_K = 8192
 
 
 def quantize_in_graph(x: torch.Tensor, weight) -> bool:
     """Whether this call's activation quantization is emitted as plain torch ops into the compiled graph.
 
-    Always for the fast (inexact) quantization, whose point is to fuse with the producer; for the exact one only
-    from ``FUSED_QUANT_MIN_K`` on.
+    Only for the fast (inexact) quantization of activations narrower than ``FUSED_QUANT_MAX_K``, whose point is to
+    fuse with the producer; exact quantization always runs the Triton pass (bit-identical to the reference).
     """
-    fused = weight.shape[1] >= FUSED_QUANT_MIN_K or not weight.act.exact
+    fused = not weight.act.exact and weight.shape[1] < FUSED_QUANT_MAX_K
     return fused and is_traced_for_compile(x)
 
 

@@ -23,7 +23,7 @@ EXPECTED = {
     ("int8_block", "dynamic"): ("triton_w8a8_block", "block_scaled_linear"),
 }
 EXPECTED.update({(fmt, "weight_only"): ("triton_weight_only", "weight_only_linear") for fmt, _ in list(EXPECTED)})
-# Inside torch.compile, for wide activations, the W8A8 backends quantize in fusable torch code and call only the GEMM.
+# Inside torch.compile, narrow fast-mode activations are quantized in fusable torch code; the graph calls only the GEMM.
 COMPILED_OP = {"row_scaled_linear": "row_scaled_gemm", "block_scaled_linear": "block_scaled_gemm"}
 SQNR_FLOOR_DB = 37.0  # vs the float32 emulation; bf16 output (and bf16 dequantized weight) rounding ~43-50 dB
 
@@ -89,16 +89,18 @@ def test_compiled_model_calls_our_op_without_graph_break(fmt, kind, backend, op)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("exact", [True, False], ids=["exact-wide", "fast-any-k"])
+@pytest.mark.parametrize(
+    "exact, wide", [(False, False), (False, True), (True, False)], ids=["fast", "fast-wide", "exact"]
+)
 @pytest.mark.parametrize("fmt", ["int8", "int8_block"])
-def test_compiled_activation_quantized_in_graph(fmt, exact, monkeypatch):
-    """Exact mode at K >= FUSED_QUANT_MIN_K, and fast mode (``exact=False``) at any K: the compiled graph quantizes in
-    plain torch ops and calls only the GEMM op. Exact: bit-identical to the eager Triton quantizer + GEMM (both
-    quantizations match the reference); fast: within bf16 noise of the eager (exact) call."""
+def test_compiled_activation_quantized_in_graph_only_when_fast_and_narrow(fmt, exact, wide, monkeypatch):
+    """Fast mode below FUSED_QUANT_MAX_K: the compiled graph quantizes in plain torch ops and calls only the GEMM op,
+    within bf16 noise of the eager (exact) call. Fast mode at or above it, and exact mode at any K: the one Triton op
+    (quantization + GEMM) and a result bit-identical to the eager call."""
     from lrq_ao.kernels import backends
 
-    if exact:  # K = 96 here: the real threshold needs huge CPU shapes
-        monkeypatch.setattr(backends, "FUSED_QUANT_MIN_K", 64)
+    if wide:  # K = 96 here: the real threshold needs huge CPU shapes
+        monkeypatch.setattr(backends, "FUSED_QUANT_MAX_K", 64)
     torch._dynamo.reset()
     linear = _quantized_linear(fmt, "dynamic", exact=exact)
     assert str(linear.weight.act).endswith("/fast") != exact
@@ -107,8 +109,10 @@ def test_compiled_activation_quantized_in_graph(fmt, exact, monkeypatch):
     with torch.no_grad():
         eager = linear(x)
         out, codes = run_and_get_code(torch.compile(linear, fullgraph=True, dynamic=True), x)
-    FileCheck().check(f"lrq_ao.{COMPILED_OP[op]}").check_not(f"lrq_ao.{op}").run("\n".join(codes))
-    if exact:
+    code = "\n".join(codes)
+    if exact or wide:
+        FileCheck().check(f"lrq_ao.{op}").check_not(f"lrq_ao.{COMPILED_OP[op]}").run(code)
         assert torch.equal(eager, out)
     else:
+        FileCheck().check(f"lrq_ao.{COMPILED_OP[op]}").check_not(f"lrq_ao.{op}").run(code)
         assert sqnr(eager, out) > 40.0
