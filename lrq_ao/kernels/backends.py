@@ -49,7 +49,7 @@ from lrq_ao.layouts.linear import (
     run_scaled_mm,
     scaled_mm_operand_refusal,
 )
-from lrq_ao.primitives import FP8_DTYPE
+from lrq_ao.primitives import FP8_DTYPE, dequantize
 
 BLOCKS = (32, 64, 128, 256)
 _ops_loaded = False
@@ -194,9 +194,36 @@ def _weight_only_refusal(x, weight, bias):
     return _accept(_device_refusal(x, weight))
 
 
+def gemv_in_graph(x: torch.Tensor, weight) -> bool:
+    """Whether this weight-only call is a single row (M = 1, known when traced) inside ``torch.compile``.
+
+    There the plain-torch ``gemv_reduction`` replaces the op: Inductor turns it into one reduction kernel that reads the
+    8-bit weight once and converts it in registers, as torchao's weight-only does (1.4-1.8x bf16 at M = 1 on the
+    H200). Ours: 1.5-1.9x (FP8) and 1.5-1.7x (INT8), where the split-K MMA kernel reached 1.1-1.4x
+    (``bench_linear.py --batches 1``, benchmarks/RESULTS.md). Under
+    ``torch.compile(dynamic=True)`` a batch of one is specialized to the constant 1, so this adds no guard; a symbolic
+    M is never 1 here.
+    """
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return is_traced_for_compile(x) and statically_known_true(m == 1)
+
+
+def gemv_reduction(x2d: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x (1, K) @ dq(W).T + bias`` as an elementwise product summed over K, in float32, output in ``x.dtype``."""
+    w = dequantize(weight.qdata, weight.scale, weight.block_size)  # fused into the reduction, never materialized
+    y = (x2d.float() * w).sum(dim=-1).unsqueeze(0)
+    return (y if bias is None else y + bias.float()).to(x2d.dtype)
+
+
 def _run_weight_only(x, weight, bias):
-    bn, bk = weight.block_size
-    y = torch.ops.lrq_ao.weight_only_linear(_as_2d(x), weight.qdata, weight.scale, bn, bk, bias)
+    x2d = _as_2d(x)
+    if gemv_in_graph(x, weight):
+        y = gemv_reduction(x2d, weight, bias)
+    else:
+        bn, bk = weight.block_size
+        y = torch.ops.lrq_ao.weight_only_linear(x2d, weight.qdata, weight.scale, bn, bk, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

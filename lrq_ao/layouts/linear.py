@@ -136,6 +136,8 @@ def describe_selection(x: torch.Tensor, weight: QuantizedWeightTensor, bias: tor
     m, (n, k) = x.numel() // x.shape[-1], weight.shape
     if backend.name in SCALED_MM_BACKENDS and is_rowwise_scaled_mm(weight) and rowwise_scaled_mm_unsupported(m, n, k):
         lines.append(f"  at M={m}: cuBLAS's tensor-wise FP8 GEMM with unit scales, both scales applied to its output")
+    if traced.name == "triton_weight_only" and m == 1:
+        lines.append("  at M=1 under torch.compile: one Inductor reduction kernel (GEMV) in place of the op")
     return "\n".join(lines)
 
 

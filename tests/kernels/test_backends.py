@@ -89,6 +89,27 @@ def test_compiled_model_calls_our_op_without_graph_break(fmt, kind, backend, op)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["int8", "fp8_row", "int8_block"])
+def test_compiled_single_row_weight_only_is_an_inductor_reduction(fmt):
+    """M = 1 under torch.compile: plain torch (one reduction kernel) instead of the op, against the float32
+    emulation; the same compiled function at M = 5 still calls the op."""
+    torch._dynamo.reset()
+    linear = _quantized_linear(fmt, "weight_only")
+    w = linear.weight
+    x1 = scaled_randn(2, 96)[1:].reshape(1, 1, 96)  # row 0 of scaled_randn is all zero
+    assert "at M=1 under torch.compile: one Inductor reduction" in w.describe(x1)
+    compiled = torch.compile(linear, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        y1, code1 = run_and_get_code(compiled, x1)
+        y5, code5 = run_and_get_code(compiled, scaled_randn(5, 96))
+    FileCheck().check_not("lrq_ao.weight_only_linear").run("\n".join(code1))
+    FileCheck().check("lrq_ao.weight_only_linear").run("\n".join(code5))
+    ref = emulated_linear(x1.float(), w.qdata, w.scale, w.block_size, w.act, linear.bias.float())
+    assert y1.shape == (1, 1, 64) and y1.dtype == torch.bfloat16
+    assert sqnr(ref, y1) > SQNR_FLOOR_DB
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "exact, wide", [(False, False), (False, True), (True, False)], ids=["fast", "fast-wide", "exact"]
 )
