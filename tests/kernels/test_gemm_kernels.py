@@ -15,7 +15,7 @@ from kernel_testing import DEVICE, ON_CUDA, needs_fp8_compute, scaled_randn
 from lrq_ao.kernels._gemm_common import tma_operands
 from lrq_ao.kernels.act_quant import quantize_activation_triton
 from lrq_ao.kernels.block_gemm import block_scaled_gemm, block_scaled_linear
-from lrq_ao.kernels.fp8_linear import fp8_scaled_mm_linear
+from lrq_ao.kernels.fp8_linear import fp8_scaled_mm_linear, scale_output_triton
 from lrq_ao.kernels.row_gemm import row_scaled_gemm, row_scaled_linear
 from lrq_ao.kernels.weight_only_gemm import weight_only_linear
 from lrq_ao.layouts.activation import ActivationMode, dequantize_activation
@@ -160,9 +160,14 @@ def test_weight_only_linear(qdtype, case):
     assert sqnr(ref, y) > WEIGHT_ONLY_SQNR_DB
 
 
+# (7, 48, 64) and (33, 32, 96): K > N at M < 256, cuBLAS's unit-scale route with our scale_output_triton epilogue
+# wherever the product is row-wise; on CUDA 12288 -> 3072 at M = 16 as well.
+FP8_CASES = [(7, 48, 64), (33, 32, 96)] + REAL[:2] + ([(16, 3072, 12288)] if ON_CUDA else [])
+
+
 @needs_fp8_compute()
 @pytest.mark.parametrize("weight_gran, act_gran", [("tensor", "tensor"), ("tensor", "row"), ("row", "row")])
-@pytest.mark.parametrize("mnk", [(7, 48, 64)] + REAL[:2], ids=str)
+@pytest.mark.parametrize("mnk", FP8_CASES, ids=str)
 def test_fp8_scaled_mm_linear(weight_gran, act_gran, mnk):
     m, n, k = mnk
     x = scaled_randn(m, k)
@@ -171,6 +176,25 @@ def test_fp8_scaled_mm_linear(weight_gran, act_gran, mnk):
     y = fp8_scaled_mm_linear(x, wq, ws, act_gran, bias)
     xq, xs = quantize_activation_triton(x, FP8_DTYPE, act_gran)
     assert sqnr(_reference(xq.float() * xs, dequantize(wq, ws, block_size), bias), y) > OUTPUT_SQNR_DB
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("x_rows, w_rows, with_bias", [(True, True, True), (False, True, False), (True, False, True)])
+@pytest.mark.parametrize("m, n", [(1, 40), (7, 1100), (33, 64)] + ([(16, 3072)] if ON_CUDA else []), ids=str)
+def test_scale_output_rounds_the_float64_epilogue_once(m, n, x_rows, w_rows, with_bias, out_dtype):
+    """``(y * xs) * ws + bias`` rounded once to the output dtype: within one output ulp of float64 (per-row and
+    per-tensor scales; N = 1100 spans two column tiles, the second ragged)."""
+    g = torch.Generator().manual_seed(m + n)
+    y = (torch.randn(m, n, generator=g) * 300).to(DEVICE)
+    xs = (torch.rand(m if x_rows else 1, 1, generator=g) + 0.5).to(DEVICE)
+    ws = (torch.rand(n if w_rows else 1, 1, generator=g) / 100).to(DEVICE)
+    bias = _bias(n).to(out_dtype) if with_bias else None
+    out = scale_output_triton(y, xs, ws, bias, out_dtype)
+    ref = y.double() * xs.double().reshape(-1, 1) * ws.double().reshape(1, -1)
+    ref = ref if bias is None else ref + bias.double()
+    ulp = torch.finfo(out_dtype).eps * ref.abs().clamp_min(torch.finfo(out_dtype).tiny)
+    assert out.dtype == out_dtype and out.shape == (m, n)
+    assert ((out.double() - ref).abs() <= ulp).all()
 
 
 def test_errors_name_the_problem():
@@ -206,7 +230,8 @@ def test_opcheck_gemm_ops():
 def test_opcheck_fp8_op():
     x = scaled_randn(5, 64)
     wf, wfs, _ = _weight(64, 64, FP8_DTYPE, "row")
-    args = (x, wf, wfs, "row", _bias(64))
+    wk, wks, _ = _weight(48, 64, FP8_DTYPE, "row")  # K > N: the unit-scale route and its Triton epilogue
     # opcheck's schema test compares inputs with float ops that torch lacks for float8 tensors (CPU and CUDA).
     utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(torch.ops.lrq_ao.fp8_scaled_mm_linear.default, args, test_utils=utils)
+    for args in [(x, wf, wfs, "row", _bias(64)), (x, wk, wks, "row", _bias(48))]:
+        torch.library.opcheck(torch.ops.lrq_ao.fp8_scaled_mm_linear.default, args, test_utils=utils)
