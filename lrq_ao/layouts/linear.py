@@ -289,8 +289,8 @@ def scaled_mm_linear(
     scales and a float32 output, and ``scale_output`` applies the two scale vectors and the bias and rounds once:
     the row-wise product's arithmetic. Plain torch ops by default (Inductor fuses them inside ``torch.compile``);
     the Triton backend's opaque op passes its one-kernel epilogue instead: run eagerly, the plain ops were five more
-    launches and held 12288 -> 3072 at M = 16 to 0.64x bf16 on the H200 (1.00x with the one kernel). Under ``torch.compile`` the test on M becomes a guard, so a graph serves either
-    side of the threshold."""
+    launches and held 12288 -> 3072 at M = 16 to 0.64x bf16 on the H200 (1.00x with the one kernel). Under
+    ``torch.compile`` the test on M becomes a guard, so a graph serves either side of the threshold."""
     m, (n, k) = xq.shape[0], wq.shape
     wq_t = wq.contiguous().t()  # column-major (K, N), as cuBLAS wants the second operand
     bias = None if bias is None else bias.to(out_dtype)
