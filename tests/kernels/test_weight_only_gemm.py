@@ -63,6 +63,45 @@ def test_small_m_real_sizes(qdtype, mnk):
     assert sqnr(_reference(x, wq, ws, block_size, bias), wo.weight_only_linear(x, wq, ws, block_size, bias)) > 44
 
 
+def _rows_across_bf16_range(m: int, k: int) -> torch.Tensor:
+    """bf16 activations whose rows span 1e-30 .. 1e30 (and one all-zero row): each is a column of the kernel's
+    x.T tile, which the FP8 path scales into fp16 range by its own power of two."""
+    x = scaled_randn(m, k, dtype=torch.float32, seed=3)
+    gains = torch.tensor([1.0, 1e-30, 1e30, 1e-3, 1e4, 0.5, 1e20][:m], device=x.device)
+    return (x * gains[:, None]).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("granularity", ["row", "block"])
+def test_fp8_fp16_dot_keeps_every_row_magnitude(granularity):
+    """FP8 weights, bf16 activations: the fp16 MMA path against float64, row by row (each row's own SQNR), with
+    rows 60 orders of magnitude apart."""
+    n, k = RAGGED[granularity]
+    x = _rows_across_bf16_range(7, k)
+    wq, ws, block_size = _weight(n, k, FP8_DTYPE, granularity)
+    mode, sblock = wo.scale_mode(block_size, (n, k))
+    out = torch.empty((7, n), dtype=torch.bfloat16, device=DEVICE)
+    y = wo.small_m_linear(x, wq, ws, mode, sblock, None, out, fp16_dot=True)
+    ref = _reference(x, wq, ws, block_size, None)
+    assert torch.equal(y[0], torch.zeros_like(y[0]))  # the all-zero row (scaled_randn's row 0)
+    for row in range(1, 7):
+        assert sqnr(ref[row], y[row]) > SMALL_M_SQNR_DB, row
+
+
+@pytest.mark.skipif(ON_CUDA, reason="on the GPU the two MMAs accumulate in different orders")
+@pytest.mark.parametrize("granularity", ["tensor", "row", "block"])
+def test_fp8_fp16_dot_is_bit_identical_to_the_float32_dot_in_the_interpreter(granularity):
+    """Every product is exact either way (scaling by powers of two, e4m3 and bf16 values exact in fp16 and fp32), so
+    with the interpreter's float32 accumulation both paths give the same bits, split partials included."""
+    n, k = RAGGED[granularity]
+    x = _rows_across_bf16_range(7, k)
+    wq, ws, block_size = _weight(n, k, FP8_DTYPE, granularity)
+    mode, sblock = wo.scale_mode(block_size, (n, k))
+    outs = [torch.empty((7, n), dtype=torch.bfloat16) for _ in range(2)]
+    for out, fp16 in zip(outs, (True, False), strict=True):
+        wo.small_m_linear(x, wq, ws, mode, sblock, _bias(n), out, fp16_dot=fp16)
+    assert torch.equal(*outs)
+
+
 def test_float16_activations():
     x = scaled_randn(5, 72, dtype=torch.float16)
     wq, ws, block_size = _weight(40, 72, FP8_DTYPE, "row")
