@@ -232,6 +232,13 @@ def sqnr(ref: torch.Tensor, y: torch.Tensor) -> float:
     return math.inf if err == 0 else float(20 * torch.log10(torch.linalg.vector_norm(ref) / err))
 
 
+def machine_line(*versions: str) -> str:
+    """The GPU, its SM count and the versions a result depends on, as every benchmark prints it first."""
+    props = torch.cuda.get_device_properties(0)
+    parts = [f"GPU {props.name} ({props.multi_processor_count} SMs)", f"torch {torch.__version__}"]
+    return " | ".join([*parts, f"triton {triton.__version__}", *versions, f"python {platform.python_version()}"])
+
+
 def copy_bandwidth_gbs() -> float:
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
@@ -371,10 +378,7 @@ def main(argv: list[str] | None = None) -> None:
 
     shapes = [s for name in args.shapes for s in (SHAPE_SETS.get(name) or [tuple(int(v) for v in name.split("x"))])]
     if args.lock is None:
-        print(
-            f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-            f"torchao {torchao.__version__} | python {platform.python_version()}"
-        )
+        print(machine_line(f"torchao {torchao.__version__}"))
     copy_gbs = args.copy_gbs or copy_bandwidth_gbs()
     if args.lock is None:
         print(f"copy bandwidth (read + write): {copy_gbs:.0f} GB/s")

@@ -20,7 +20,6 @@ import argparse
 import csv
 import itertools
 import os
-import platform
 import subprocess
 import sys
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_linear import FLUX, T5, copies_for, copy_bandwidth_gbs  # noqa: E402
+from bench_linear import FLUX, T5, copies_for, copy_bandwidth_gbs, machine_line  # noqa: E402
 
 from lrq_ao.primitives import FP8_DTYPE, FormatSpec, quantize_rtn  # noqa: E402
 
@@ -173,11 +172,7 @@ def main() -> None:
         precompile(args.compile_jobs)
         if args.compile_only:
             return None
-    props = torch.cuda.get_device_properties(0)
-    print(
-        f"GPU {props.name} ({props.multi_processor_count} SMs) | torch {torch.__version__} | triton "
-        f"{triton.__version__} | python {platform.python_version()}"
-    )
+    print(machine_line())
     copy_gbs = copy_bandwidth_gbs()
     print(f"copy bandwidth (read + write): {copy_gbs:.0f} GB/s")
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else FLUX + T5

@@ -22,15 +22,13 @@ import argparse
 import copy
 import csv
 import os
-import platform
 import sys
 
 import torch
 import torch.nn.functional as F
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_linear import FLUX, T5, bench, compiled, copies_for, copy_bandwidth_gbs  # noqa: E402
+from bench_linear import FLUX, T5, bench, compiled, copies_for, copy_bandwidth_gbs, machine_line  # noqa: E402
 
 import lrq_ao  # noqa: E402
 from lrq_ao import LearnedRoundingConfig  # noqa: E402
@@ -199,11 +197,7 @@ def main() -> None:
     args = parser.parse_args()
     import torchao
 
-    props = torch.cuda.get_device_properties(0)
-    print(
-        f"GPU {props.name} ({props.multi_processor_count} SMs) | torch {torch.__version__} | triton "
-        f"{triton.__version__} | torchao {torchao.__version__} | python {platform.python_version()}"
-    )
+    print(machine_line(f"torchao {torchao.__version__}"))
     copy_gbs = copy_bandwidth_gbs()
     print(f"copy bandwidth (read + write): {copy_gbs:.0f} GB/s")
     check_correctness()
