@@ -194,20 +194,18 @@ def _weight_only_refusal(x, weight, bias):
     return _accept(_device_refusal(x, weight))
 
 
-def gemv_in_graph(x: torch.Tensor, weight) -> bool:
+def gemv_in_graph(x2d: torch.Tensor) -> bool:
     """Whether this weight-only call is a single row (M = 1, known when traced) inside ``torch.compile``.
 
     There the plain-torch ``gemv_reduction`` replaces the op: Inductor turns it into one reduction kernel that reads the
-    8-bit weight once and converts it in registers, as torchao's weight-only does (1.4-1.8x bf16 at M = 1 on the
-    H200). Ours: 1.5-1.9x (FP8) and 1.5-1.7x (INT8), where the split-K MMA kernel reached 1.1-1.4x
-    (``bench_linear.py --batches 1``, benchmarks/RESULTS.md). Under
-    ``torch.compile(dynamic=True)`` a batch of one is specialized to the constant 1, so this adds no guard; a symbolic
-    M is never 1 here.
+    8-bit weight once and converts it in registers, as torchao's weight-only does. H200, M = 1, all 7 Flux / T5
+    shapes: ours 1.47-1.83x (FP8) and 1.46-1.74x (INT8) bf16, torchao 1.37-1.79x, the split-K MMA kernel 0.75-1.31x
+    (``bench_linear.py --batches 1``, benchmarks/RESULTS.md). Under ``torch.compile(dynamic=True)`` a batch of one is
+    specialized to the constant 1, so this adds no guard; a symbolic M is never 1 here.
     """
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return is_traced_for_compile(x) and statically_known_true(m == 1)
+    return is_traced_for_compile(x2d) and statically_known_true(x2d.shape[0] == 1)
 
 
 def gemv_reduction(x2d: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -219,7 +217,7 @@ def gemv_reduction(x2d: torch.Tensor, weight, bias: torch.Tensor | None) -> torc
 
 def _run_weight_only(x, weight, bias):
     x2d = _as_2d(x)
-    if gemv_in_graph(x, weight):
+    if gemv_in_graph(x2d):
         y = gemv_reduction(x2d, weight, bias)
     else:
         bn, bk = weight.block_size

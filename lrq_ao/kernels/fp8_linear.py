@@ -9,7 +9,7 @@ given to cuBLAS as a broadcast ``(1, N)`` row-wise scale (cuBLAS wants both oper
 ``layouts.linear.scaled_mm_linear``, shared with ``torch_scaled_mm``, so both FP8 backends give the same GEMM (and
 the same way around cuBLAS's missing row-wise kernels for K > N at small M). On that route this op scales the
 float32 product and adds the bias in one Triton kernel (``scale_output_triton``), where plain torch would launch
-five elementwise kernels inside this opaque op.
+one elementwise kernel per operation inside this opaque op.
 
 Inside ``torch.compile`` with ``kernel='auto'`` the TORCH backend runs instead (see ``kernels.backends``): this op is
 opaque to Inductor, while that backend's quantization fuses with the producer of the activation.

@@ -260,27 +260,27 @@ def _small_m_kernel(
         # Rows of x beyond M are masked, not re-read: at M = 1 that is 1/16 of the activation traffic.
         xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_valid[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+        if SCALE_MODE == 2:
+            block_scale = tl.load(s_ptr + (safe_n // SCALE_BLOCK) * stride_sn + k0 // SCALE_BLOCK)
         if FP16_DOT:
             xt, column_down = _fp16_columns(xt)
-            w = w.to(tl.float16)
-        elif DOT_IN_F32:
-            # Triton's interpreter mis-multiplies bfloat16 operands (and mis-converts int8 to bfloat16); the values
-            # are exact in float32.
-            w = w.to(tl.float32)
-            xt = xt.to(tl.float32)
-        else:
-            # int8 and e4m3 values are exact in bf16 / fp16: the scale is applied to the fp32 sums instead.
-            w = w.to(xt.dtype)
-        if FP16_DOT:
-            part = tl.dot(w, xt) * column_down[None, :]
+            part = tl.dot(w.to(tl.float16), xt) * column_down[None, :]
             if SCALE_MODE == 2:
-                part *= tl.load(s_ptr + (safe_n // SCALE_BLOCK) * stride_sn + k0 // SCALE_BLOCK)[:, None]
+                part *= block_scale[:, None]
             acc += part
-        elif SCALE_MODE == 2:
-            block_scale = tl.load(s_ptr + (safe_n // SCALE_BLOCK) * stride_sn + k0 // SCALE_BLOCK)
-            acc += tl.dot(w, xt) * block_scale[:, None]
         else:
-            acc = tl.dot(w, xt, acc)
+            if DOT_IN_F32:
+                # Triton's interpreter mis-multiplies bfloat16 operands (and mis-converts int8 to bfloat16); the
+                # values are exact in float32.
+                w = w.to(tl.float32)
+                xt = xt.to(tl.float32)
+            else:
+                # int8 and e4m3 values are exact in bf16 / fp16: the scale is applied to the fp32 sums instead.
+                w = w.to(xt.dtype)
+            if SCALE_MODE == 2:
+                acc += tl.dot(w, xt) * block_scale[:, None]
+            else:
+                acc = tl.dot(w, xt, acc)
         w_ptrs += BLOCK_K
         xt_ptrs += BLOCK_K
     if SCALE_MODE == 0:
