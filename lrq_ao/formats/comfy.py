@@ -1,0 +1,86 @@
+"""The ComfyUI container rules every format shares, and the registry of per-format readers.
+
+Per-format rules (name, marker keys, stored tensors) live in the format files; this leaf holds what they share:
+tensor-name suffixes, the error type, ``orig_dtype`` spelling, the marker key order, and ``register_reader`` /
+``reader_for``, through which a ComfyUI format name found in a file is turned back into an lrq_ao format.
+
+A reader is ``reader(marker, tensors, where) -> (WeightFormat, QuantizedWeight)``: ``marker`` the validated
+``.comfy_quant`` JSON object, ``tensors`` the layer's stored tensors by suffix (``.weight``, ``.weight_scale``,
+``.weight_scale_2`` where present), ``where`` the layer name for messages. It raises ``ComfyFormatError`` naming
+the tensor for anything that does not follow the format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lrq_ao.formats.base import FormatError, QuantizedWeight, WeightFormat
+
+WEIGHT_SUFFIX = ".weight"
+SCALE_SUFFIX = ".weight_scale"
+SCALE2_SUFFIX = ".weight_scale_2"
+INPUT_SCALE_SUFFIX = ".input_scale"
+MARKER_SUFFIX = ".comfy_quant"
+
+# JSON keys in the order they are written (matching ComfyUI's own state_dict() and convert_to_quant 1.3.4);
+# a key a format writes that is not listed here follows these in the order the format gives.
+MARKER_KEY_ORDER = ("format", "orig_dtype", "orig_shape", "group_size", "full_precision_matrix_mult", "per_row")
+
+
+class ComfyFormatError(FormatError):
+    """A ComfyUI file or tensor that does not follow the format. The message names the file and/or tensor."""
+
+
+Reader = Callable[[dict[str, Any], dict[str, torch.Tensor], str], tuple[WeightFormat, QuantizedWeight]]
+READERS: dict[str, Reader] = {}
+# Formats ComfyUI knows that lrq_ao cannot represent, with the reason (so the reader says so instead of "unknown").
+UNSUPPORTED: dict[str, str] = {}
+
+
+def register_reader(comfy_name: str, reader: Reader) -> None:
+    READERS[comfy_name] = reader
+    UNSUPPORTED.pop(comfy_name, None)
+
+
+def register_unsupported(comfy_name: str, why: str) -> None:
+    if comfy_name not in READERS:
+        UNSUPPORTED[comfy_name] = why
+
+
+def reader_for(comfy_name: Any, where: str = "") -> Reader:
+    """The reader of ComfyUI format ``comfy_name``; ``ComfyFormatError`` (prefixed by ``where``) if none."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(comfy_name, str) and comfy_name in READERS:
+        return READERS[comfy_name]
+    if isinstance(comfy_name, str) and comfy_name in UNSUPPORTED:
+        raise ComfyFormatError(f"{prefix}format {comfy_name!r} is not supported: {UNSUPPORTED[comfy_name]}")
+    raise ComfyFormatError(f"{prefix}unknown quantization format {comfy_name!r}; expected one of {sorted(READERS)}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"torch.bfloat16"`` (the spelling the reference tool writes)."""
+    return str(dtype)
+
+
+def ordered_marker(comfy_name: str, fields: dict[str, Any], **common: Any) -> dict[str, Any]:
+    """A marker with ``format`` first, the common keys (``orig_dtype``, ``orig_shape``,
+    ``full_precision_matrix_mult``; ``None`` / ``False`` left out) and the format's ``fields``, in
+    ``MARKER_KEY_ORDER`` and then the format's own order."""
+    merged = {k: v for k, v in common.items() if v is not None and v is not False}
+    merged.update(fields)
+    marker: dict[str, Any] = {"format": comfy_name}
+    for key in MARKER_KEY_ORDER[1:]:
+        if key in merged:
+            marker[key] = merged.pop(key)
+    marker.update(merged)
+    return marker
+
+
+def require(tensors: dict[str, torch.Tensor], suffix: str, where: str) -> torch.Tensor:
+    """The stored tensor ``where + suffix``; ``ComfyFormatError`` naming it if the file lacks it."""
+    if suffix not in tensors:
+        raise ComfyFormatError(f"{where}{suffix}: missing (the layer's .comfy_quant marker says it is quantized)")
+    return tensors[suffix]
