@@ -130,9 +130,7 @@ class WeightFormat:
 
     # ---- scales and rounding --------------------------------------------------------------------------------
 
-    def compute_scales(
-        self, w: torch.Tensor, block_size: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def compute_scales(self, w: torch.Tensor, block_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Round-to-nearest's scales for (rotated) ``w``: ``(scale grid, scale2 or None)``."""
         raise NotImplementedError
 

@@ -89,7 +89,7 @@ class Element:
         return hash(("Element", self.name))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _values_cached(name: str) -> torch.Tensor:
     return torch.unique(ELEMENTS[name]._all_values().float())
 
