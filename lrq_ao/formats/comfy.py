@@ -8,6 +8,11 @@ A reader is ``reader(marker, tensors, where) -> (WeightFormat, QuantizedWeight)`
 ``.comfy_quant`` JSON object, ``tensors`` the layer's stored tensors by suffix (``.weight``, ``.weight_scale``,
 ``.weight_scale_2`` where present), ``where`` the layer name for messages. It raises ``ComfyFormatError`` naming
 the tensor for anything that does not follow the format.
+
+One ComfyUI name can carry several lrq_ao formats told apart by a marker key (``int8_tensorwise`` with
+``"convrot": true`` is ConvRot, without it plain INT8): a format file registers such a *variant* reader with
+``register_reader(name, reader, when=predicate)``; :func:`reader_for` returns a reader that tries the variants whose
+predicate accepts the marker, in registration order, before the name's plain reader.
 """
 
 from __future__ import annotations
@@ -35,14 +40,34 @@ class ComfyFormatError(FormatError):
 
 
 Reader = Callable[[dict[str, Any], dict[str, torch.Tensor], str], tuple[WeightFormat, QuantizedWeight]]
+MarkerTest = Callable[[dict[str, Any]], bool]
 READERS: dict[str, Reader] = {}
+# Readers of one ComfyUI name that apply only to markers their test accepts (tried before the plain reader).
+VARIANTS: dict[str, list[tuple[MarkerTest, Reader]]] = {}
 # Formats ComfyUI knows that lrq_ao cannot represent, with the reason (so the reader says so instead of "unknown").
 UNSUPPORTED: dict[str, str] = {}
 
 
-def register_reader(comfy_name: str, reader: Reader) -> None:
-    READERS[comfy_name] = reader
+def register_reader(comfy_name: str, reader: Reader, when: MarkerTest | None = None) -> None:
+    """Register the reader of ComfyUI format ``comfy_name``; with ``when``, a variant reader for the markers
+    ``when(marker)`` accepts."""
+    if when is None:
+        READERS[comfy_name] = reader
+    else:
+        VARIANTS.setdefault(comfy_name, []).append((when, reader))
     UNSUPPORTED.pop(comfy_name, None)
+
+
+def _dispatching(comfy_name: str) -> Reader:
+    def read(marker: dict[str, Any], tensors: dict[str, torch.Tensor], where: str):
+        for when, reader in VARIANTS[comfy_name]:
+            if when(marker):
+                return reader(marker, tensors, where)
+        if comfy_name in READERS:
+            return READERS[comfy_name](marker, tensors, where)
+        raise ComfyFormatError(f"{where}{MARKER_SUFFIX}: no lrq_ao reader accepts the {comfy_name!r} marker {marker}")
+
+    return read
 
 
 def register_unsupported(comfy_name: str, why: str) -> None:
@@ -51,13 +76,17 @@ def register_unsupported(comfy_name: str, why: str) -> None:
 
 
 def reader_for(comfy_name: Any, where: str = "") -> Reader:
-    """The reader of ComfyUI format ``comfy_name``; ``ComfyFormatError`` (prefixed by ``where``) if none."""
+    """The reader of ComfyUI format ``comfy_name`` (dispatching on the marker where variants are registered);
+    ``ComfyFormatError`` (prefixed by ``where``) if none."""
     prefix = f"{where}: " if where else ""
+    if isinstance(comfy_name, str) and comfy_name in VARIANTS:
+        return _dispatching(comfy_name)
     if isinstance(comfy_name, str) and comfy_name in READERS:
         return READERS[comfy_name]
     if isinstance(comfy_name, str) and comfy_name in UNSUPPORTED:
         raise ComfyFormatError(f"{prefix}format {comfy_name!r} is not supported: {UNSUPPORTED[comfy_name]}")
-    raise ComfyFormatError(f"{prefix}unknown quantization format {comfy_name!r}; expected one of {sorted(READERS)}")
+    known = sorted(set(READERS) | set(VARIANTS))
+    raise ComfyFormatError(f"{prefix}unknown quantization format {comfy_name!r}; expected one of {known}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
