@@ -15,7 +15,7 @@ from lrq_ao.formats.comfy import ComfyFormatError, reader_for
 from lrq_ao.formats.elements import ELEMENTS, Element, element_for_dtype
 
 # Format families, in the order their names are listed. Each module defines ``FORMATS: dict[str, WeightFormat]``.
-_FAMILIES = ("lrq_ao.formats.scaled",)
+_FAMILIES = ("lrq_ao.formats.scaled", "lrq_ao.formats.mxfp8")
 
 FORMATS: dict[str, WeightFormat] = {}
 for _module in _FAMILIES:
