@@ -91,7 +91,8 @@ class Element:
 
 @functools.cache
 def _values_cached(name: str) -> torch.Tensor:
-    return torch.unique(ELEMENTS[name]._all_values().float())
+    # torch.unique keeps -0.0 of an FP8 grid; adding +0.0 makes the one zero +0.0, which encodes to code 0x00.
+    return torch.unique(ELEMENTS[name]._all_values().float()) + 0.0
 
 
 def _values_of(element: Element) -> torch.Tensor:
