@@ -1,35 +1,34 @@
-"""The representable values of a quantized dtype, in units of the (fixed) scale.
+"""The representable values of a format's element, in units of the (fixed) scale.
 
 Every rounding method in lrq_ao works on *grid indices*: an element's quantized value is ``grid.values[idx]``
 and its dequantized value is ``grid.values[idx] * scale``. Moving an element "one step up" is ``idx + 1``, which
-is the next representable value for INT8 (``q + 1``) and for FP8 e4m3fn (the next e4m3 number, exact across
-the subnormal range and zero). Whatever the optimizer does, the result is representable by construction.
+is the next representable value of the element (INT8 ``q + 1``; the next e4m3 number, exact across the subnormal
+range and zero; the next E2M1 value). Whatever the optimizer does, the result is representable by construction.
+The element (``lrq_ao.formats.elements``) owns the values and the coding; this module only indexes them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lrq_ao.primitives import FP8_DTYPE, INT8_MAX, expand_scale, quantize_with_scale
-
-
-def _grid_values(qdtype: torch.dtype) -> torch.Tensor:
-    if qdtype == torch.int8:
-        return torch.arange(-int(INT8_MAX), int(INT8_MAX) + 1, dtype=torch.float32)
-    if qdtype == FP8_DTYPE:
-        # Every e4m3fn bit pattern, decoded; drop the NaNs, merge +0/-0, sort.
-        every = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
-        return torch.unique(every[torch.isfinite(every)])
-    raise ValueError(f"no rounding grid for dtype {qdtype}; expected torch.int8 or torch.float8_e4m3fn")
+from lrq_ao.formats.base import expand_scale
+from lrq_ao.formats.elements import Element, element_for_dtype
 
 
 class Grid:
-    """Sorted representable values of ``qdtype`` (float32 tensor ``values``) on ``device``."""
+    """Sorted representable values of an element (float32 tensor ``values``) on ``device``.
 
-    def __init__(self, qdtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        self.qdtype = qdtype
-        self.values = _grid_values(qdtype).to(device)
+    ``element`` is an ``Element`` or, for the 8-bit elements, the torch dtype that stores it.
+    """
+
+    def __init__(self, element: Element | torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.element = element if isinstance(element, Element) else element_for_dtype(element)
+        self.values = self.element.values().to(device)
         self.last = self.values.numel() - 1
+
+    @property
+    def qdtype(self) -> torch.dtype:
+        return self.element.storage_dtype
 
     def floor_index(self, x: torch.Tensor) -> torch.Tensor:
         """Index of the largest grid value ``<= x`` (saturating at both ends)."""
@@ -50,13 +49,19 @@ class Grid:
         take_hi = (self.values[hi] - x).abs() < (x - self.values[lo]).abs()
         return torch.where(take_hi, hi, lo)
 
-    def rtn_index(self, w: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
-        """Grid indices of exactly the round-to-nearest result of ``primitives.quantize_with_scale``."""
-        q = quantize_with_scale(w, scale, self.qdtype, block_size).float()
-        return self.index_of(q)
+    def index_of_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Grid indices of (unpacked) codes."""
+        return self.index_of(self.element.decode(codes).float())
 
-    def to_qdata(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.values[idx].to(self.qdtype)
+    def rtn_index(self, w: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
+        """Grid indices of exactly the round-to-nearest codes of ``w`` under an effective scale grid."""
+        return self.index_of_codes(self.element.round(w.float() / expand_scale(scale.float(), block_size)))
+
+    def to_codes(self, idx: torch.Tensor) -> torch.Tensor:
+        """The (unpacked) codes of grid indices."""
+        return self.element.encode(self.values[idx])
+
+    to_qdata = to_codes  # the 8-bit elements store codes unpacked
 
     def dequant(self, idx: torch.Tensor, scale_full: torch.Tensor) -> torch.Tensor:
         return self.values[idx] * scale_full
