@@ -4,6 +4,7 @@ Importing this package imports neither Triton nor CUDA; each kernel family lives
 on first use (``lrq_ao.kernels.backends`` registers them as TRITON linear backends, lazily):
 
 * ``act_quant``: dynamic activation quantization (FP8 / INT8; per tensor, per row, per 1 x block group).
+* ``rotate_quant``: ConvRot activation rotation fused into per-token INT8 quantization (one pass over ``x``).
 * ``fp8_linear``: FP8 dynamic linear, ``act_quant`` feeding ``torch._scaled_mm``.
 * ``row_gemm``: per-row W8A8 GEMM (INT8 / FP8) with scales and bias fused in the epilogue.
 * ``block_gemm``: block-wise W8A8 GEMM (INT8 / FP8), rescaled per K block.
@@ -12,11 +13,12 @@ on first use (``lrq_ao.kernels.backends`` registers them as TRITON linear backen
 
 Every op is a ``torch.library`` custom op in the ``lrq_ao`` namespace with a fake implementation beside it.
 Its PyTorch reference is ``lrq_ao.layouts.activation`` (activations, emulated linear) and ``lrq_ao.primitives``
-(weights).
+(weights); ``rotate_quant`` carries its own (``rotate_quantize_activation_reference``).
 """
 
 KERNEL_MODULES = (
     "lrq_ao.kernels.act_quant",
+    "lrq_ao.kernels.rotate_quant",
     "lrq_ao.kernels.fp8_linear",
     "lrq_ao.kernels.row_gemm",
     "lrq_ao.kernels.block_gemm",
