@@ -18,6 +18,7 @@ from lrq_ao.formats.elements import ELEMENTS, Element, element_for_dtype
 _FAMILIES = (
     "lrq_ao.formats.scaled",
     "lrq_ao.formats.convrot",
+    "lrq_ao.formats.convrot_w4a4",
     "lrq_ao.formats.mxfp8",
     "lrq_ao.formats.nvfp4",
 )

@@ -78,12 +78,13 @@ def _per_group(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class ConvRotFormat(WeightFormat):
-    """Per-row INT8 codes of the ConvRot-rotated weight; ``block`` is the rotation group ``G`` along K.
+class ConvRotation(WeightFormat):
+    """The ConvRot rotation every ConvRot format shares (INT8 here, W4A4 in ``lrq_ao.formats.convrot_w4a4``):
+    the field ``block`` is the rotation group ``G`` along K, and the ``rotate_*`` hooks apply ``Hblk``.
 
     The field is called ``block`` so that the user's block size (``get_format(name, block_size)``,
     ``LearnedRoundingConfig.block_size``) chooses the rotation group, as it chooses the block of the ``*_block``
-    formats; the quantization group itself is always one row ``(1, K)``.
+    formats; the quantization group of the ConvRot formats is always one row ``(1, K)``.
     """
 
     block: int = DEFAULT_GROUP
@@ -93,6 +94,58 @@ class ConvRotFormat(WeightFormat):
             raise FormatError(
                 f"ConvRot rotation group must be one of {GROUPS} (a power of 4 comfy-kitchen builds), got {self.block}"
             )
+
+    @property
+    def group(self) -> int:
+        """The rotation group ``G`` (the same number as ``block``)."""
+        return self.block
+
+    @property
+    def has_blocks(self) -> bool:
+        return True
+
+    # ---- rotation -------------------------------------------------------------------------------------------
+
+    @property
+    def rotates(self) -> bool:
+        return True
+
+    def hadamard(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+        """This format's ``G x G`` rotation ``H`` (see :func:`hadamard`)."""
+        return hadamard(self.block, dtype, torch.device(device))
+
+    def _check_k(self, k: int, what: str) -> None:
+        if k % self.block:
+            raise FormatError(f"{what} has {k} features, not a multiple of the ConvRot group {self.block}")
+
+    def rotate_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``W Hblkᵀ``: ``W.reshape(N, K / G, G) @ H.T`` in ``w``'s dtype (kitchen's ``_rotate_weight``)."""
+        self._check_k(w.shape[-1], "weight")
+        return _per_group(w, self.hadamard(w.dtype, w.device).T)
+
+    def unrotate_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`rotate_weight`. ``H`` is an involution, so this multiplies by ``H.T`` once more, the
+        same product (same operands, same layout) as kitchen's ConvRot ``dequantize``."""
+        self._check_k(w.shape[-1], "weight")
+        return _per_group(w, self.hadamard(w.dtype, w.device).T)
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Hblk``: ``x.reshape(-1, K / G, G) @ H`` in ``x``'s dtype (kitchen's ``_rotate_activation``)."""
+        self._check_k(x.shape[-1], "activation")
+        return _per_group(x, self.hadamard(x.dtype, x.device))
+
+    def rotate_hessian(self, h: torch.Tensor) -> torch.Tensor:
+        """``Hblkᵀ Σ Hblk`` (the second moment of ``x Hblk``) from ``Σ = E[xᵀ x]`` ``(K, K)``, one ``G x G``
+        product per block row and column: ``O(K² G)`` work, no dense ``K x K`` rotation built."""
+        self._check_k(h.shape[-1], "Hessian")
+        rot = self.hadamard(h.dtype, h.device)
+        right = _per_group(h, rot)  # Σ Hblk
+        return _per_group(right.mT, rot).mT  # (Hblkᵀ (Σ Hblk)) = ((Σ Hblk)ᵀ Hblk)ᵀ
+
+
+@dataclass(frozen=True)
+class ConvRotFormat(ConvRotation):
+    """Per-row INT8 codes of the ConvRot-rotated weight; ``block`` is the rotation group ``G`` along K."""
 
     # ---- identity -------------------------------------------------------------------------------------------
 
@@ -104,17 +157,8 @@ class ConvRotFormat(WeightFormat):
     def name(self) -> str:
         return "int8_convrot"
 
-    @property
-    def group(self) -> int:
-        """The rotation group ``G`` (the same number as ``block``)."""
-        return self.block
-
     def describe(self) -> str:
         return f"{self.name} (group {self.block})"
-
-    @property
-    def has_blocks(self) -> bool:
-        return True
 
     # ---- group shape ----------------------------------------------------------------------------------------
 
@@ -164,44 +208,6 @@ class ConvRotFormat(WeightFormat):
         """Per-row ``max(amax(|w_rot|) / 127, 1e-8)`` of the already rotated ``w``, float32 ``(N, 1)``."""
         amax = blocked_amax(w.float(), block_size)
         return (amax / self.element.qmax).clamp_min(MIN_SCALE), None
-
-    # ---- rotation -------------------------------------------------------------------------------------------
-
-    @property
-    def rotates(self) -> bool:
-        return True
-
-    def hadamard(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-        """This format's ``G x G`` rotation ``H`` (see :func:`hadamard`)."""
-        return hadamard(self.block, dtype, torch.device(device))
-
-    def _check_k(self, k: int, what: str) -> None:
-        if k % self.block:
-            raise FormatError(f"{what} has {k} features, not a multiple of the ConvRot group {self.block}")
-
-    def rotate_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """``W Hblkᵀ``: ``W.reshape(N, K / G, G) @ H.T`` in ``w``'s dtype (kitchen's ``_rotate_weight``)."""
-        self._check_k(w.shape[-1], "weight")
-        return _per_group(w, self.hadamard(w.dtype, w.device).T)
-
-    def unrotate_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`rotate_weight`. ``H`` is an involution, so this multiplies by ``H.T`` once more, the
-        same product (same operands, same layout) as kitchen's ConvRot ``dequantize``."""
-        self._check_k(w.shape[-1], "weight")
-        return _per_group(w, self.hadamard(w.dtype, w.device).T)
-
-    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x Hblk``: ``x.reshape(-1, K / G, G) @ H`` in ``x``'s dtype (kitchen's ``_rotate_activation``)."""
-        self._check_k(x.shape[-1], "activation")
-        return _per_group(x, self.hadamard(x.dtype, x.device))
-
-    def rotate_hessian(self, h: torch.Tensor) -> torch.Tensor:
-        """``Hblkᵀ Σ Hblk`` (the second moment of ``x Hblk``) from ``Σ = E[xᵀ x]`` ``(K, K)``, one ``G x G``
-        product per block row and column: ``O(K² G)`` work, no dense ``K x K`` rotation built."""
-        self._check_k(h.shape[-1], "Hessian")
-        rot = self.hadamard(h.dtype, h.device)
-        right = _per_group(h, rot)  # Σ Hblk
-        return _per_group(right.mT, rot).mT  # (Hblkᵀ (Σ Hblk)) = ((Σ Hblk)ᵀ Hblk)ᵀ
 
     # ---- activation pairing ---------------------------------------------------------------------------------
 
