@@ -77,8 +77,53 @@ def _per_group(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x.reshape(-1, k // g, g), h).reshape(x.shape)
 
 
+class BlockHadamardRotation:
+    """The ConvRot rotation hooks of ``lrq_ao.formats.base.WeightFormat`` for a format whose ``block`` field is the
+    rotation group ``G`` (a power of 4 dividing K). Shared by the formats that store a ConvRot-rotated weight
+    (``int8_convrot`` here, ``w4a8`` in ``lrq_ao.formats.w4a8``); list it before ``WeightFormat`` in the bases.
+    """
+
+    block: int
+
+    @property
+    def rotates(self) -> bool:
+        return True
+
+    def hadamard(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+        """This format's ``G x G`` rotation ``H`` (see :func:`hadamard`)."""
+        return hadamard(self.block, dtype, torch.device(device))
+
+    def _check_k(self, k: int, what: str) -> None:
+        if k % self.block:
+            raise FormatError(f"{what} has {k} features, not a multiple of the ConvRot group {self.block}")
+
+    def rotate_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``W Hblkᵀ``: ``W.reshape(N, K / G, G) @ H.T`` in ``w``'s dtype (kitchen's ``_rotate_weight``)."""
+        self._check_k(w.shape[-1], "weight")
+        return _per_group(w, self.hadamard(w.dtype, w.device).T)
+
+    def unrotate_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`rotate_weight`. ``H`` is an involution, so this multiplies by ``H.T`` once more, the
+        same product (same operands, same layout) as kitchen's ConvRot ``dequantize``."""
+        self._check_k(w.shape[-1], "weight")
+        return _per_group(w, self.hadamard(w.dtype, w.device).T)
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Hblk``: ``x.reshape(-1, K / G, G) @ H`` in ``x``'s dtype (kitchen's ``_rotate_activation``)."""
+        self._check_k(x.shape[-1], "activation")
+        return _per_group(x, self.hadamard(x.dtype, x.device))
+
+    def rotate_hessian(self, h: torch.Tensor) -> torch.Tensor:
+        """``Hblkᵀ Σ Hblk`` (the second moment of ``x Hblk``) from ``Σ = E[xᵀ x]`` ``(K, K)``, one ``G x G``
+        product per block row and column: ``O(K² G)`` work, no dense ``K x K`` rotation built."""
+        self._check_k(h.shape[-1], "Hessian")
+        rot = self.hadamard(h.dtype, h.device)
+        right = _per_group(h, rot)  # Σ Hblk
+        return _per_group(right.mT, rot).mT  # (Hblkᵀ (Σ Hblk)) = ((Σ Hblk)ᵀ Hblk)ᵀ
+
+
 @dataclass(frozen=True)
-class ConvRotFormat(WeightFormat):
+class ConvRotFormat(BlockHadamardRotation, WeightFormat):
     """Per-row INT8 codes of the ConvRot-rotated weight; ``block`` is the rotation group ``G`` along K.
 
     The field is called ``block`` so that the user's block size (``get_format(name, block_size)``,
@@ -164,44 +209,6 @@ class ConvRotFormat(WeightFormat):
         """Per-row ``max(amax(|w_rot|) / 127, 1e-8)`` of the already rotated ``w``, float32 ``(N, 1)``."""
         amax = blocked_amax(w.float(), block_size)
         return (amax / self.element.qmax).clamp_min(MIN_SCALE), None
-
-    # ---- rotation -------------------------------------------------------------------------------------------
-
-    @property
-    def rotates(self) -> bool:
-        return True
-
-    def hadamard(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-        """This format's ``G x G`` rotation ``H`` (see :func:`hadamard`)."""
-        return hadamard(self.block, dtype, torch.device(device))
-
-    def _check_k(self, k: int, what: str) -> None:
-        if k % self.block:
-            raise FormatError(f"{what} has {k} features, not a multiple of the ConvRot group {self.block}")
-
-    def rotate_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """``W Hblkᵀ``: ``W.reshape(N, K / G, G) @ H.T`` in ``w``'s dtype (kitchen's ``_rotate_weight``)."""
-        self._check_k(w.shape[-1], "weight")
-        return _per_group(w, self.hadamard(w.dtype, w.device).T)
-
-    def unrotate_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`rotate_weight`. ``H`` is an involution, so this multiplies by ``H.T`` once more, the
-        same product (same operands, same layout) as kitchen's ConvRot ``dequantize``."""
-        self._check_k(w.shape[-1], "weight")
-        return _per_group(w, self.hadamard(w.dtype, w.device).T)
-
-    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x Hblk``: ``x.reshape(-1, K / G, G) @ H`` in ``x``'s dtype (kitchen's ``_rotate_activation``)."""
-        self._check_k(x.shape[-1], "activation")
-        return _per_group(x, self.hadamard(x.dtype, x.device))
-
-    def rotate_hessian(self, h: torch.Tensor) -> torch.Tensor:
-        """``Hblkᵀ Σ Hblk`` (the second moment of ``x Hblk``) from ``Σ = E[xᵀ x]`` ``(K, K)``, one ``G x G``
-        product per block row and column: ``O(K² G)`` work, no dense ``K x K`` rotation built."""
-        self._check_k(h.shape[-1], "Hessian")
-        rot = self.hadamard(h.dtype, h.device)
-        right = _per_group(h, rot)  # Σ Hblk
-        return _per_group(right.mT, rot).mT  # (Hblkᵀ (Σ Hblk)) = ((Σ Hblk)ᵀ Hblk)ᵀ
 
     # ---- activation pairing ---------------------------------------------------------------------------------
 
