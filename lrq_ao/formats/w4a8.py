@@ -1,8 +1,9 @@
 """W4A8: ConvRot-rotated weight, 4-bit codes into a 16-level codebook, fp8 group scales, a float32 scale per row.
 
 Name ``w4a8`` (ComfyUI ``asym_w4a8_int8``, comfy-kitchen layout ``AsymW4A8Int8Layout``). ComfyUI loads it since the
-upstream commit 344b4398 "Support asym w4a8_int (#15308)" (Comfy-Org/ComfyUI ``comfy/ops.py``,
-``comfy/quant_ops.py``); the ``silveroxides/ComfyUI`` master mirror does not have it yet. The rules follow
+upstream commit 344b4398 "Support asym w4a8_int (#15308)"; the loader and writer quoted here were read in the
+Comfy-Org/ComfyUI snapshot 0271a469 (``comfy/ops.py`` ``_load_quantized_module`` / ``_quantized_weight_state_dict``,
+``comfy/quant_ops.py``); the ``silveroxides/ComfyUI`` master mirror does not have the format yet. The rules follow
 comfy-kitchen 0.2.40 (``tensor/w4a8_int8.py``, ``tensor/w4a8_packed.py``, ``backends/eager/w4a8_int8.py``) and are
 checked against it by ``tests/formats/test_w4a8.py``.
 
