@@ -21,6 +21,7 @@ _FAMILIES = (
     "lrq_ao.formats.convrot_w4a4",
     "lrq_ao.formats.mxfp8",
     "lrq_ao.formats.nvfp4",
+    "lrq_ao.formats.w4a8",
 )
 
 FORMATS: dict[str, WeightFormat] = {}

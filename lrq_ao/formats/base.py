@@ -22,7 +22,7 @@ Formats are immutable and hashable (they travel as tensor metadata through ``tor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,12 +44,16 @@ class QuantizedWeight:
     scale: float32 grid ``(N // bn, K // bk)``.
     block_size: ``(bn, bk)``.
     scale2: float32 scalar of a two-level format, else ``None``.
+    extra: further stored tensors a format needs besides these, by name (empty for most formats). ``w4a8`` keeps
+        its per-row ``"s_channel"`` (float32 ``(N,)``) here; a tensor class wrapping a ``QuantizedWeight`` carries
+        these as inner tensors too (flatten / unflatten, device moves), named ``extra.<name>``.
     """
 
     qdata: torch.Tensor
     scale: torch.Tensor
     block_size: tuple[int, int]
     scale2: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def check_2d(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
