@@ -1,7 +1,7 @@
-"""Triton kernels for lrq_ao's quantized linears and weight quantization.
+"""Kernels for lrq_ao's quantized linears and learned rounding: functions of plain tensors, no tensor classes.
 
 Importing this package imports neither Triton nor CUDA; each kernel family lives in its own module and is imported
-on first use (``lrq_ao.kernels.backends`` registers them as TRITON linear backends, lazily):
+on first use (``lrq_ao.layouts.triton_backends`` decides which quantized weight runs which op):
 
 * ``act_quant``: dynamic activation quantization (FP8 / INT8; per tensor, per row, per 1 x block group).
 * ``rotate_quant``: ConvRot activation rotation fused into per-token INT8 quantization (one pass over ``x``).
@@ -9,11 +9,13 @@ on first use (``lrq_ao.kernels.backends`` registers them as TRITON linear backen
 * ``row_gemm``: per-row W8A8 GEMM (INT8 / FP8) with scales and bias fused in the epilogue.
 * ``block_gemm``: block-wise W8A8 GEMM (INT8 / FP8), rescaled per K block.
 * ``weight_only_gemm``: bf16 activations x INT8 / FP8 weights dequantized inside the GEMM.
-* ``weight_quant``: round-to-nearest weight quantization, bit-identical to ``lrq_ao.primitives``.
+* ``scaled_mm``: ``torch._scaled_mm`` as the FP8 linears call it (cuBLAS; no Triton, imported by both FP8 paths).
+* ``rounding_sweep``: learned rounding's GPTQ / greedy sweeps (plain launchers, used by ``lrq_ao.rounding``).
 
 Every op is a ``torch.library`` custom op in the ``lrq_ao`` namespace with a fake implementation beside it.
-Its PyTorch reference is ``lrq_ao.layouts.activation`` (activations, emulated linear) and ``lrq_ao.primitives``
-(weights); ``rotate_quant`` carries its own (``rotate_quantize_activation_reference``).
+Its PyTorch reference is ``lrq_ao.layouts.activation`` (activations, emulated linear); ``rotate_quant`` carries its
+own (``rotate_quantize_activation_reference``). Nothing here imports ``lrq_ao.layouts``: the element dtype a kernel
+specializes on is an argument (the codes' dtype).
 """
 
 KERNEL_MODULES = (
@@ -23,7 +25,6 @@ KERNEL_MODULES = (
     "lrq_ao.kernels.row_gemm",
     "lrq_ao.kernels.block_gemm",
     "lrq_ao.kernels.weight_only_gemm",
-    "lrq_ao.kernels.weight_quant",
 )
 
 

@@ -126,7 +126,7 @@ def quantize_activation_triton(
         raise ValueError(f"{name}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
     m, k = x.shape
     qmax = qmax_of(qdtype)
-    is_fp8 = qdtype == FP8_DTYPE
+    is_fp8 = qdtype.is_floating_point  # the codes' dtype, passed as data
     xq = torch.empty((m, k), dtype=qdtype, device=device)
     if granularity == "tensor":
         x = x.contiguous()

@@ -184,7 +184,7 @@ def block_scaled_gemm(
     (a, b), tma = w8a8_operands(xq, wq, dict(cpu_tile, BLOCK_K=block))
     args = (a, b, x_scale, w_scale, bias if bias is not None else out, out, m, n, k)
     args += (xq.stride(0), wq.stride(0), out.stride(0), x_scale.stride(0), w_scale.stride(0), m_bucket(m))
-    meta = {"HAS_BIAS": bias is not None, "IS_INT": xq.dtype == torch.int8, "TMA": tma, "BLOCK_K": block}
+    meta = {"HAS_BIAS": bias is not None, "IS_INT": not xq.dtype.is_floating_point, "TMA": tma, "BLOCK_K": block}
     if device.type == "cuda":
         _block_scaled_gemm_tuned[grid_1d(m, n)](*args, **meta)
     else:

@@ -6,13 +6,13 @@ cast pass (``tensor``), see ``act_quant``; the bias goes into ``_scaled_mm``'s e
 
 Weight scales: per tensor ``(1, 1)`` or per row ``(N, 1)``. A per-tensor weight with per-row activations is
 given to cuBLAS as a broadcast ``(1, N)`` row-wise scale (cuBLAS wants both operands of one kind). The GEMM call is
-``layouts.linear.scaled_mm_linear``, shared with ``torch_scaled_mm``, so both FP8 backends give the same GEMM (and
+``kernels.scaled_mm.scaled_mm_linear``, shared with ``torch_scaled_mm``, so both FP8 backends give the same GEMM (and
 the same way around cuBLAS's missing row-wise kernels for K > N at small M). On that route this op scales the
 float32 product and adds the bias in one Triton kernel (``scale_output_triton``), where plain torch would launch
 one elementwise kernel per operation inside this opaque op.
 
-Inside ``torch.compile`` with ``kernel='auto'`` the TORCH backend runs instead (see ``kernels.backends``): this op is
-opaque to Inductor, while that backend's quantization fuses with the producer of the activation.
+Inside ``torch.compile`` with ``kernel='auto'`` the TORCH backend runs instead (see ``layouts.triton_backends``):
+this op is opaque to Inductor, while that backend's quantization fuses with the producer of the activation.
 
 Op: ``lrq_ao::fp8_scaled_mm_linear(x, wq, w_scale, act_granularity, bias)``.
 """
@@ -25,7 +25,7 @@ import triton.language as tl
 
 from lrq_ao.kernels._runtime import check_contiguous_last, check_device, launchable
 from lrq_ao.kernels.act_quant import quantize_activation_triton
-from lrq_ao.layouts.linear import scaled_mm_linear
+from lrq_ao.kernels.scaled_mm import scaled_mm_linear
 from lrq_ao.primitives import FP8_DTYPE
 
 ACT_GRANULARITIES = ("tensor", "row")
@@ -58,7 +58,7 @@ def _scale_output_kernel(
 def scale_output_triton(
     y: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """``layouts.linear.scale_output_torch`` in one launch: float32 ``y (M, N)`` scaled per row by ``x_scale``
+    """``kernels.scaled_mm.scale_output_torch`` in one launch: float32 ``y (M, N)`` scaled per row by ``x_scale``
     (M or 1 entries) and per column by ``w_scale`` (N or 1), plus ``bias``, rounded to ``out_dtype``."""
     m, n = y.shape
     out = torch.empty((m, n), dtype=out_dtype, device=y.device)
@@ -100,7 +100,7 @@ def fp8_scaled_mm_linear(
         raise ValueError(f"{name}: {reason}")
     if w_scale.dtype != torch.float32 or w_scale.shape not in ((1, 1), (n, 1)):
         raise ValueError(f"{name}: w_scale must be float32 (1, 1) or ({n}, 1), got {w_scale.dtype} {w_scale.shape}")
-    xq, x_scale = quantize_activation_triton(x, FP8_DTYPE, act_granularity)
+    xq, x_scale = quantize_activation_triton(x, wq.dtype, act_granularity)
     rowwise = act_granularity == "row" or w_scale.shape[0] != 1
     return scaled_mm_linear(xq, x_scale, wq, w_scale, rowwise, bias, x.dtype, scale_output_triton)
 

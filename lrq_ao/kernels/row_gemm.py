@@ -144,7 +144,7 @@ def row_scaled_gemm(
     (a, b), tma = w8a8_operands(xq, wq, CPU_CONFIG)
     args = (a, b, x_scale, w_scale, bias if bias is not None else out, out, m, n, k)
     args += (xq.stride(0), wq.stride(0), out.stride(0), stride_sa, stride_sb, m_bucket(m))
-    meta = {"HAS_BIAS": bias is not None, "IS_INT": xq.dtype == torch.int8, "TMA": tma}
+    meta = {"HAS_BIAS": bias is not None, "IS_INT": not xq.dtype.is_floating_point, "TMA": tma}
     if device.type == "cuda":
         _row_scaled_gemm_tuned[grid_1d(m, n)](*args, **meta)
     else:

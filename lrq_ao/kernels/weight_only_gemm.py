@@ -33,7 +33,6 @@ import triton.language as tl
 from lrq_ao.kernels._gemm_common import autotune_bench, config, grid_1d, grouped_tile
 from lrq_ao.kernels._jit_helpers import max_combine
 from lrq_ao.kernels._runtime import check_contiguous_last, check_device, launchable, m_bucket
-from lrq_ao.primitives import FP8_DTYPE
 
 SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2
 # Up to this batch size the split-K GEMV runs (all rows in one 16-row MMA block).
@@ -350,7 +349,7 @@ def small_m_linear(
     args = (x, wq, w_scale, bias if bias is not None else out, out)
     sizes = (m, n, k, x.stride(0), wq.stride(0), out.stride(0), w_scale.stride(0), m_bucket(m))
     meta = {"SCALE_MODE": mode, "SCALE_BLOCK": sblock, "HAS_BIAS": bias is not None}
-    meta["FP16_DOT"] = fp16_dot if fp16_dot is not None else (wq.dtype == FP8_DTYPE and x.dtype == torch.bfloat16)
+    meta["FP16_DOT"] = fp16_dot if fp16_dot is not None else (wq.dtype.is_floating_point and x.dtype == torch.bfloat16)
     counters = tile_counters(device)
     if device.type == "cuda" and config is None:
         partial = torch.empty((MAX_SPLIT_K, m, n), dtype=torch.float32, device=device)

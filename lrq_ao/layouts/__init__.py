@@ -1,13 +1,26 @@
-"""Quantized weight tensors (``Float8Tensor``, ``Int8Tensor``), their activation modes and linear backends.
+"""Quantized weight tensors, their activation modes and linear backends.
 
-Importing this package registers the classes and their attribute types with ``torch.serialization`` so that
-``torch.load(..., weights_only=True)`` accepts checkpoints holding them.
+``weight_tensor(fmt, qw, dtype)`` wraps a ``lrq_ao.formats.QuantizedWeight`` of any format in its tensor class
+(``Float8Tensor``, ``Int8Tensor``, or the generic ``QuantizedWeightTensor`` for every other element);
+``make_weight_tensor(qdata, scale, block_size, dtype)`` is the older spelling for 8-bit codes. Importing this
+package registers the op handlers on the tensor class (``ops``, ``linear``) and the classes, attribute types and
+format classes with ``torch.serialization`` so that ``torch.load(..., weights_only=True)`` accepts checkpoints
+holding them.
+
+Modules, bottom to top (no module imports one above it): ``activation`` (modes, reference activation
+quantization), ``legacy`` (old dtype-keyed spellings -> formats), ``registry`` (linear backends and their selection),
+``base`` (the tensor class), ``ops`` (view / copy / device handlers), ``linear`` (built-in backends, matmul
+handlers), ``float8`` / ``int8`` (named classes), ``triton_backends`` (loaded lazily by the registry).
 """
 
 from __future__ import annotations
 
 import torch
 
+import lrq_ao.layouts.linear  # noqa: F401  (registers the linear handlers and the built-in backends)
+import lrq_ao.layouts.ops  # noqa: F401  (registers the view / copy / device handlers)
+from lrq_ao.formats import FORMATS, QuantizedWeight, WeightFormat
+from lrq_ao.formats.elements import ELEMENTS, element_for_dtype
 from lrq_ao.layouts.activation import (
     ActivationMode,
     KernelChoice,
@@ -15,11 +28,13 @@ from lrq_ao.layouts.activation import (
     dequantize_activation,
     emulated_linear,
     quantize_activation,
+    reference_linear,
 )
-from lrq_ao.layouts.base import LAYOUTS, QuantizedWeightTensor, register_layout
+from lrq_ao.layouts.base import LAYOUTS, QuantizedWeightTensor, register_layout, tensor_class_for, weight_tensor
 from lrq_ao.layouts.float8 import Float8Tensor
 from lrq_ao.layouts.int8 import Int8Tensor
-from lrq_ao.layouts.linear import (
+from lrq_ao.layouts.legacy import legacy_format
+from lrq_ao.layouts.registry import (
     LinearBackend,
     register_linear_backend,
     registered_backends,
@@ -27,7 +42,14 @@ from lrq_ao.layouts.linear import (
     unregister_linear_backend,
 )
 
-torch.serialization.add_safe_globals([ActivationMode, KernelChoice])
+
+def register_safe_globals(*types: type) -> None:
+    """Let ``torch.load(..., weights_only=True)`` rebuild ``types`` (format classes and the like held by tensors)."""
+    torch.serialization.add_safe_globals(list(types))
+
+
+register_safe_globals(ActivationMode, KernelChoice, QuantizedWeightTensor, QuantizedWeight)
+register_safe_globals(*{type(fmt) for fmt in FORMATS.values()})
 
 
 def make_weight_tensor(
@@ -40,16 +62,23 @@ def make_weight_tensor(
     *,
     name: str = "weight",
 ) -> QuantizedWeightTensor:
-    """Wrap quantized data in the tensor class registered for ``qdata.dtype`` (``LAYOUTS``).
+    """Wrap 8-bit codes in the 8-bit scaled format their dtype and block size mean (``lrq_ao.layouts.legacy``).
 
-    Raises ``TypeError`` naming ``name`` if no layout stores that element dtype.
+    Raises ``TypeError`` naming ``name`` if no 8-bit element is stored as ``qdata.dtype``; use ``weight_tensor``
+    for any other format.
     """
-    cls = LAYOUTS.get(qdata.dtype)
-    if cls is None:
+    try:
+        element_for_dtype(qdata.dtype)
+    except ValueError:
+        known = sorted(str(ELEMENTS[element_name].storage_dtype) for element_name in LAYOUTS)
         raise TypeError(
-            f"{name}: no lrq_ao layout stores qdata of dtype {qdata.dtype}; known: {sorted(map(str, LAYOUTS))}"
-        )
-    return cls.from_qdata(qdata, scale, block_size, dtype, act=act, kernel=kernel, name=name)
+            f"{name}: no lrq_ao layout stores qdata of dtype {qdata.dtype}; known: {known} (for any other format "
+            f"use weight_tensor(fmt, qw, dtype))"
+        ) from None
+    fmt = legacy_format(qdata.dtype, block_size, qdata.shape)
+    return weight_tensor(
+        fmt, QuantizedWeight(qdata, scale, tuple(block_size)), dtype, act=act, kernel=kernel, name=name
+    )
 
 
 __all__ = [
@@ -60,14 +89,19 @@ __all__ = [
     "KernelChoice",
     "LinearBackend",
     "QuantizedWeightTensor",
+    "WeightFormat",
     "activation_mode_for",
     "dequantize_activation",
     "emulated_linear",
     "make_weight_tensor",
     "quantize_activation",
+    "reference_linear",
     "register_layout",
     "register_linear_backend",
+    "register_safe_globals",
     "registered_backends",
     "select_linear_backend",
+    "tensor_class_for",
     "unregister_linear_backend",
+    "weight_tensor",
 ]

@@ -20,12 +20,16 @@ saturating.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lrq_ao.primitives import DEFAULT_BLOCK, FP8_DTYPE, FP8_MAX, MIN_SCALE, qmax_of, round_to_grid
+from lrq_ao.primitives import DEFAULT_BLOCK, MIN_SCALE, qmax_of, round_to_grid
+
+if TYPE_CHECKING:
+    from lrq_ao.formats import WeightFormat
 
 ACTIVATION_KINDS = ("weight_only", "dynamic")
 ACTIVATION_GRANULARITIES = ("tensor", "row", "block")
@@ -97,37 +101,32 @@ WEIGHT_ONLY = ActivationMode()
 
 
 def activation_mode_for(
-    kind: str, qdtype: torch.dtype, weight_block_size: tuple[int, int], shape, exact: bool = True
+    kind: str, fmt: WeightFormat | torch.dtype, weight_block_size: tuple[int, int], shape, exact: bool = True
 ) -> ActivationMode:
-    """The activation mode that matches a weight layout.
+    """The activation mode that pairs with a weight of format ``fmt``, block size ``weight_block_size`` and ``shape``.
 
-    ``weight_only`` needs no choice. For ``dynamic`` the activation granularity follows the weight: a block-wise
-    weight gets 1 x ``bk`` activation blocks (so the K blocks of both operands line up); everything else, per-tensor
-    FP8 included, gets a per-token (row) scale. Per-token rather than per-tensor for a per-tensor FP8 weight because
-    it is both more accurate (one outlier token no longer coarsens every other token's grid) and faster: cuBLAS's
-    row-wise FP8 GEMM with fast accumulation ran 3072 -> 9216 at M = 4608 in 222 us against 271 us for the
-    tensor-wise one (H100, CUDA graphs; DEVELOPMENT.md "Kernels"). ``ActivationMode("dynamic", "tensor")`` can still
-    be set explicitly. ``exact`` is passed through (see ``ActivationMode``).
+    ``weight_only`` needs no choice. For ``dynamic`` the format says which activation quantization pairs with it
+    (``WeightFormat.dynamic_activation``; the 8-bit scaled formats take per-token scales, or 1 x ``bk`` blocks for a
+    block-wise weight so the K blocks of both operands line up). ``ActivationMode("dynamic", "tensor")`` can still
+    be set explicitly. ``exact`` is passed through (see ``ActivationMode``). A ``torch.dtype`` in place of ``fmt``
+    is the old spelling and means the 8-bit scaled format of that element (``lrq_ao.layouts.legacy``).
+
+    Raises ``ValueError`` for an unknown kind, or for ``dynamic`` with a format that has no dynamic mode (the
+    format's own sentence).
     """
     if kind == "weight_only":
         return WEIGHT_ONLY
     if kind != "dynamic":
         raise ValueError(f"activation kind must be one of {ACTIVATION_KINDS}, got {kind!r}")
-    n, k = int(shape[0]), int(shape[1])
-    bn, bk = weight_block_size
-    if (bn, bk) == (n, k) or bn == 1:
-        return ActivationMode("dynamic", "row", exact=exact)
-    return ActivationMode("dynamic", "block", bk, exact=exact)
+    if isinstance(fmt, torch.dtype):
+        from lrq_ao.layouts.legacy import legacy_format
 
-
-def activation_block_size(x2d: torch.Tensor, mode: ActivationMode) -> tuple[int, int]:
-    """The 2-D ``block_size`` of an activation matrix ``(M, K)`` under ``mode`` (same convention as weights)."""
-    m, k = x2d.shape
-    if mode.granularity == "tensor":
-        return (m, k)
-    if mode.granularity == "row":
-        return (1, k)
-    return (1, mode.block)
+        fmt = legacy_format(fmt, weight_block_size, shape)
+    pairing = fmt.dynamic_activation(tuple(weight_block_size), (int(shape[0]), int(shape[1])))
+    if isinstance(pairing, str):
+        raise ValueError(pairing)
+    granularity, block = pairing
+    return ActivationMode("dynamic", granularity, block or DEFAULT_BLOCK, exact=exact)
 
 
 def activation_refusal(k: int, mode: ActivationMode) -> str | None:
@@ -195,8 +194,8 @@ def quantize_activation_fusable(
     amax = _group_amax(xf, mode)
     scale = _correctly_rounded_quotient(amax, qmax_of(qdtype)).clamp_min(MIN_SCALE)
     quotient = _divide_by_scale(xf.double(), scale.double(), mode).float()
-    if qdtype == FP8_DTYPE:
-        return round_to_e4m3_exactly(quotient), scale
+    if qdtype.is_floating_point:
+        return round_to_float8_exactly(quotient, qdtype), scale
     return round_to_grid(quotient, qdtype), scale
 
 
@@ -230,18 +229,25 @@ def nearest_quotient_near(a64: torch.Tensor, divisor: float, guess: torch.Tensor
     return best
 
 
-_E4M3_MIN_NORMAL_BIASED_EXP = 121  # 127 - 6
-_E4M3_MANTISSA_BITS = 3
+def round_to_float8_exactly(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float32 ``q`` -> the 8-bit float ``dtype`` (e4m3fn), saturating at its max, ties to even, with the rounding
+    done in float32 arithmetic: scale by the power of two that makes the grid step at ``|q|`` equal 1, round, scale
+    back, so the final cast only sees representable values. The grid is read from ``torch.finfo(dtype)``: mantissa
+    bits from ``eps``, the smallest normal exponent (below which the step stays fixed) from ``tiny``."""
+    info = torch.finfo(dtype)
+    mantissa_bits = -round(math.log2(info.eps))
+    min_normal_biased_exp = 127 + round(math.log2(info.tiny))
+    y = q.clamp(-info.max, info.max)
+    biased_exp = (y.view(torch.int32) >> 23) & 0xFF
+    step_exp = biased_exp.clamp_min(min_normal_biased_exp) - mantissa_bits
+    step = (step_exp << 23).view(torch.float32)  # the grid step at y's magnitude, a power of two
+    inv_step = ((254 - step_exp) << 23).view(torch.float32)  # exactly 1 / step
+    return (torch.round(y * inv_step) * step).to(dtype)
 
 
 def round_to_e4m3_exactly(q: torch.Tensor) -> torch.Tensor:
-    """Float32 ``q`` -> e4m3fn, saturating, ties to even, with the rounding done in float32 arithmetic."""
-    y = q.clamp(-FP8_MAX, FP8_MAX)
-    biased_exp = (y.view(torch.int32) >> 23) & 0xFF
-    step_exp = biased_exp.clamp_min(_E4M3_MIN_NORMAL_BIASED_EXP) - _E4M3_MANTISSA_BITS
-    step = (step_exp << 23).view(torch.float32)  # the grid step at y's magnitude, a power of two
-    inv_step = ((254 - step_exp) << 23).view(torch.float32)  # exactly 1 / step
-    return (torch.round(y * inv_step) * step).to(FP8_DTYPE)
+    """Float32 ``q`` -> e4m3fn, saturating, ties to even (``round_to_float8_exactly`` for e4m3fn)."""
+    return round_to_float8_exactly(q, torch.float8_e4m3fn)
 
 
 def dequantize_activation(xq: torch.Tensor, x_scale: torch.Tensor, mode: ActivationMode) -> torch.Tensor:
@@ -268,22 +274,36 @@ def emulated_linear(
     mode: ActivationMode,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference quantized linear: ``y = dq(q(x)) @ dq(W).T`` in float32, cast to ``x.dtype``, plus ``bias``.
+    """Reference quantized linear for 8-bit codes: ``y = dq(q(x)) @ dq(W).T`` in float32, cast to ``x.dtype``, plus
+    ``bias``, with ``dq(W) = qdata.float() * scale`` per block and dynamic activations quantized to ``qdata.dtype``.
 
     In ``weight_only`` mode the activations are used as they are (upcast to float32). ``x`` may have any number of
-    leading dimensions; the weight is ``(N, K)``.
+    leading dimensions; the weight is ``(N, K)``. (Any format: ``reference_linear`` with its dequantized weight.)
     """
     from lrq_ao.primitives import dequantize
 
+    return reference_linear(x, dequantize(qdata, scale, block_size, torch.float32), qdata.dtype, mode, bias)
+
+
+def reference_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    act_dtype: torch.dtype | None,
+    mode: ActivationMode,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = dq(q(x)) @ w.T`` in float32 for a float32 weight ``w (N, K)``, cast to ``x.dtype``, plus ``bias``;
+    dynamic activations are quantized to ``act_dtype`` under ``mode`` (``ValueError`` if it is None)."""
     k = x.shape[-1]
     x2d = x.reshape(-1, k)
     if mode.is_dynamic:
-        xq, x_scale = quantize_activation(x2d, qdata.dtype, mode)
+        if act_dtype is None:
+            raise ValueError("dynamic activation quantization needs an 8-bit activation dtype, got None")
+        xq, x_scale = quantize_activation(x2d, act_dtype, mode)
         x2d_f = dequantize_activation(xq, x_scale, mode)
     else:
         x2d_f = x2d.float()
-    w = dequantize(qdata, scale, block_size, torch.float32)
     y = (x2d_f @ w.t()).to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return y.reshape(*x.shape[:-1], qdata.shape[0])
+    return y.reshape(*x.shape[:-1], w.shape[0])

@@ -1,159 +1,74 @@
-"""How a linear with a quantized weight runs: a registry of backends chosen by declared capability.
+"""How a linear with a quantized weight runs: the built-in backends and the op handlers that end in them.
 
-A ``LinearBackend`` names its ``KernelChoice`` family, a ``supports(x, weight, bias)`` that returns ``None`` when it
-can run the input or a sentence saying why not, and ``run(x, weight, bias)``. ``select_linear_backend`` honours
-``weight.kernel``: ``AUTO`` takes the usable backend of highest priority; ``TORCH`` / ``EMULATED`` / ``TRITON``
-only consider that family and raise, listing every refusal, if none fits. No backend is tried and abandoned on
-failure: the choice is made from declarations, never from exceptions.
+Every backend asks the weight's format, never which format it is: ``fmt.kernel_dtype`` (``None``: the codes are
+dequantized, no 8-bit kernel takes them; a floating dtype: FP8 kernels; an integer one: INT8 kernels), ``scale2``
+(two-level scales: only the dequantizing paths apply them), ``fmt.rotate_input`` (``quantized_linear`` rotates the
+activations into the basis the codes are stored in before any backend runs, so the ordinary backends multiply the
+stored codes). Selection is ``lrq_ao.layouts.registry``. Built-in backends:
 
-Selection reads dtypes, devices, static sizes (K, N) and the weight's metadata, never the batch size M, which is
-symbolic under ``torch.compile(dynamic=True)``. Built-in backends:
+* ``torch_weight_only`` (TORCH): ``F.linear(x, W.dequantize_stored(x.dtype), bias)``; runs every format everywhere
+  and Inductor fuses the dequantization into the matmul's prologue. For a format without a kernel dtype this is the
+  path, and ``describe`` says so ("dequantize + matmul (no kernel for format X)").
+* ``torch_scaled_mm`` (TORCH): FP8 codes, dynamic, per-tensor or per-row scales, ``torch._scaled_mm`` on CUDA
+  SM >= 8.9, bias in cuBLAS's epilogue (``lrq_ao.kernels.scaled_mm``). Its activation quantization
+  (``quantize_activation_fusable``) is plain torch code, so inside ``torch.compile`` Inductor fuses it with the
+  LayerNorm / modulation / GELU that produced the activation; it stays bit-identical to the reference unless the
+  weight asks for the fast mode (``act.exact`` false). For K > N at M < 256 the GEMM is cuBLAS's tensor-wise kernel
+  with the scales applied after it (cuBLAS has no row-wise kernel there); that choice is made at run time, as a guard.
+* ``torch_int_mm`` (TORCH): INT8 codes, dynamic per-token with a per-row / per-tensor weight, ``torch._int_mm`` on
+  CUDA (same fusable quantization).
+* ``emulated`` (EMULATED): ``lrq_ao.layouts.activation.reference_linear`` on the format's exact dequantization, the
+  float32 reference.
 
-* ``torch_weight_only`` (TORCH): ``F.linear(x, W.dequantize(x.dtype), bias)``; runs everywhere and Inductor fuses
-  the dequantization into the matmul's prologue.
-* ``torch_scaled_mm`` (TORCH): FP8 dynamic, per-tensor or per-row scales, ``torch._scaled_mm`` on CUDA SM >= 8.9,
-  bias in cuBLAS's epilogue. Its activation quantization (``quantize_activation_fusable``) is plain torch code, so
-  inside ``torch.compile`` Inductor fuses it with the LayerNorm / modulation / GELU that produced the activation;
-  it stays bit-identical to the reference unless the weight asks for the fast mode (``act.exact`` false). For
-  K > N at M < 256 the GEMM is cuBLAS's tensor-wise kernel with the scales applied after it
-  (``scaled_mm_linear``: cuBLAS has no row-wise kernel there); that choice is made at run time, as a guard.
-* ``torch_int_mm`` (TORCH): INT8 dynamic per-token with a per-row / per-tensor weight, ``torch._int_mm`` on CUDA
-  (same fusable quantization).
-* ``emulated`` (EMULATED): ``lrq_ao.layouts.activation.emulated_linear``, the float32 reference.
-
-The kernels engineer's Triton backends live in ``lrq_ao.kernels.backends`` (imported at the first eager selection
-or construction, never at ``import lrq_ao``) and call ``register_linear_backend`` there.
+The Triton backends live in ``lrq_ao.layouts.triton_backends`` (imported at the first eager selection or
+construction, never at ``import lrq_ao``).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+from torch._subclasses.fake_tensor import is_fake
 
 from lrq_ao.layouts.activation import (
     KernelChoice,
     activation_refusal,
-    emulated_linear,
     quantize_activation_fusable,
+    reference_linear,
 )
 from lrq_ao.layouts.base import QuantizedWeightTensor
-from lrq_ao.primitives import FP8_DTYPE
+from lrq_ao.layouts.registry import LinearBackend, register_linear_backend, select_linear_backend
 
 logger = logging.getLogger(__name__)
 
-PLUGIN_MODULES = ("lrq_ao.kernels.backends",)
-
-
-@dataclass(frozen=True)
-class LinearBackend:
-    """One way to run ``y = x @ W.T + bias`` for a quantized ``W``.
-
-    supports(x, weight, bias) -> None if usable, else the reason it refuses.
-    run(x, weight, bias) -> the output, shape ``(*x.shape[:-1], N)`` in ``x.dtype``.
-    """
-
-    name: str
-    kernel: KernelChoice
-    supports: Callable[[torch.Tensor, QuantizedWeightTensor, torch.Tensor | None], str | None]
-    run: Callable[[torch.Tensor, QuantizedWeightTensor, torch.Tensor | None], torch.Tensor]
-
-
-_BACKENDS: list[tuple[int, LinearBackend]] = []
-_plugins_loaded = False
-
-
-def register_linear_backend(backend: LinearBackend, priority: int) -> None:
-    """Add (or replace, by name) a backend; a higher ``priority`` wins under ``KernelChoice.AUTO``."""
-    _BACKENDS[:] = [(p, b) for p, b in _BACKENDS if b.name != backend.name]
-    _BACKENDS.append((priority, backend))
-    _BACKENDS.sort(key=lambda pb: -pb[0])
-
-
-def unregister_linear_backend(name: str) -> None:
-    """Remove the backend called ``name`` (no error if absent)."""
-    _BACKENDS[:] = [(p, b) for p, b in _BACKENDS if b.name != name]
-
-
-def registered_backends() -> list[LinearBackend]:
-    """Backends in priority order (highest first)."""
-    return [b for _, b in _BACKENDS]
-
-
-def ensure_plugin_backends() -> None:
-    """Import the optional backend modules once, outside compiled code (an import cannot be traced)."""
-    global _plugins_loaded
-    if _plugins_loaded or torch.compiler.is_compiling():
-        return
-    _plugins_loaded = True
-    for module in PLUGIN_MODULES:
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
-
-
-def select_linear_backend(
-    x: torch.Tensor, weight: QuantizedWeightTensor, bias: torch.Tensor | None = None
-) -> tuple[LinearBackend, list[tuple[str, str]]]:
-    """The backend that will run ``F.linear(x, weight, bias)`` and the ``(name, reason)`` of each refusal.
-
-    Raises ``RuntimeError`` listing the refusals if no backend allowed by ``weight.kernel`` can run it.
-    """
-    ensure_plugin_backends()
-    _check_linear_shapes(x, weight, bias)
-    wanted = weight.kernel
-    refusals: list[tuple[str, str]] = []
-    for backend in registered_backends():
-        if wanted is not KernelChoice.AUTO and backend.kernel is not wanted:
-            continue
-        reason = backend.supports(x, weight, bias)
-        if reason is None:
-            return backend, refusals
-        refusals.append((backend.name, reason))
-    detail = "; ".join(f"{name}: {reason}" for name, reason in refusals) or "no backend of that kind is registered"
-    raise RuntimeError(
-        f"no linear backend of kind {wanted.value!r} can run a {type(weight).__name__} ({weight.layout_name}, "
-        f"act={weight.act}) on {x.device} with {x.dtype} input: {detail}. Set kernel='auto' to fall back to the "
-        f"best usable backend"
-    )
-
-
-def describe_selection(x: torch.Tensor, weight: QuantizedWeightTensor, bias: torch.Tensor | None = None) -> str:
-    """The backend an input like ``x`` takes when run, every refusal, and a last line naming the backend inside
-    ``torch.compile`` when that differs (selected as a traced call: with a fake copy of ``x``)."""
-    backend, refusals = select_linear_backend(x, weight, bias)
-    lines = [f"{type(weight).__name__} {weight.layout_name} act={weight.act} kernel={weight.kernel}: {backend.name}"]
-    lines += [f"  {name} refused: {reason}" for name, reason in refusals]
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        traced, _ = select_linear_backend(mode.from_tensor(x), weight, bias)
-    if traced.name != backend.name:
-        lines.append(f"  under torch.compile: {traced.name}")
-    m, (n, k) = x.numel() // x.shape[-1], weight.shape
-    if backend.name in SCALED_MM_BACKENDS and is_rowwise_scaled_mm(weight) and rowwise_scaled_mm_unsupported(m, n, k):
-        lines.append(f"  at M={m}: cuBLAS's tensor-wise FP8 GEMM with unit scales, both scales applied to its output")
-    if traced.name == "triton_weight_only" and m == 1:
-        lines.append("  at M=1 under torch.compile: one Inductor reduction kernel (GEMV) in place of the op")
-    return "\n".join(lines)
-
 
 def quantized_linear(x: torch.Tensor, weight: QuantizedWeightTensor, bias: torch.Tensor | None = None):
+    """``F.linear(x, weight, bias)``: select a backend, rotate ``x`` into the stored basis, run."""
     backend, _ = select_linear_backend(x, weight, bias)
     if not torch.compiler.is_compiling():
-        logger.debug("lrq_ao linear %s -> %s", tuple(weight.shape), backend.name)
-    return backend.run(x, weight, bias)
+        logger.debug("lrq_ao linear %s %s -> %s", weight.fmt.name, tuple(weight.shape), backend.name)
+    return backend.run(stored_basis_input(x, weight), weight, bias)
 
 
-def _check_linear_shapes(x: torch.Tensor, weight: QuantizedWeightTensor, bias: torch.Tensor | None) -> None:
-    n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"linear: input has {x.shape[-1]} features but the quantized weight expects {k}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"linear: bias must have shape ({n},), got {tuple(bias.shape)}")
+def stored_basis_input(x: torch.Tensor, weight: QuantizedWeightTensor) -> torch.Tensor:
+    """``fmt.rotate_input(x)`` in ``x.dtype`` (``x`` itself unless the format rotates)."""
+    return weight.fmt.rotate_input(x).to(x.dtype)
+
+
+def kernel_codes_refusal(weight: QuantizedWeightTensor) -> str | None:
+    """Why no 8-bit kernel can take ``weight``'s codes as they are stored (``None`` if kernels can)."""
+    if weight.fmt.kernel_dtype is None:
+        return f"no kernel for format {weight.fmt.name}: its codes are dequantized (torch_weight_only)"
+    if weight.scale2 is not None:
+        return f"format {weight.fmt.name} has a second-level scale, which only the dequantizing paths apply"
+    return None
+
+
+def codes_are_float(weight: QuantizedWeightTensor) -> bool:
+    """Whether the 8-bit kernels take the codes as floats (FP8) rather than integers (``fmt.kernel_dtype``)."""
+    return weight.fmt.kernel_dtype is not None and weight.fmt.kernel_dtype.is_floating_point
 
 
 # ---- built-in backends ---------------------------------------------------------------------------------------
@@ -168,17 +83,25 @@ def _weight_only_refusal(x, weight, bias):
 
 
 def _run_weight_only(x, weight, bias):
-    return F.linear(x, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+    return F.linear(x, weight.dequantize_stored(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _weight_only_note(x, weight, traced):
+    if weight.fmt.kernel_dtype is None:
+        return f"dequantize + matmul (no kernel for format {weight.fmt.name})"
+    return None
 
 
 def _emulated_refusal(x, weight, bias):
     if not x.is_floating_point():
         return f"activations of dtype {x.dtype} are not floating point"
+    if weight.act.is_dynamic and weight.fmt.kernel_dtype is None:
+        return f"format {weight.fmt.name} has no 8-bit dtype to quantize activations to"
     return activation_refusal(weight.shape[1], weight.act)
 
 
 def _run_emulated(x, weight, bias):
-    return emulated_linear(x, weight.qdata, weight.scale, weight.block_size, weight.act, bias)
+    return reference_linear(x, weight.dequantize_stored(torch.float32), weight.fmt.kernel_dtype, weight.act, bias)
 
 
 def is_traced_for_compile(x: torch.Tensor) -> bool:
@@ -209,12 +132,15 @@ def is_per_tensor_or_row(weight: QuantizedWeightTensor) -> bool:
 
 
 def scaled_mm_operand_refusal(x, weight) -> str | None:
-    """Why ``torch._scaled_mm`` cannot take this FP8 weight and input (None: it can), device aside.
+    """Why ``torch._scaled_mm`` cannot take this weight and input (None: it can), device aside.
 
     Shared by every backend that ends in ``torch._scaled_mm`` (the TORCH one here, the Triton-quantized one in
-    ``lrq_ao.kernels.backends``), so its constraints are stated once."""
-    if weight.qdtype != FP8_DTYPE or not weight.act.is_dynamic:
-        return "only for FP8 weights with dynamic activation quantization"
+    ``lrq_ao.layouts.triton_backends``), so its constraints are stated once."""
+    refusal = kernel_codes_refusal(weight)
+    if refusal is not None:
+        return refusal
+    if not codes_are_float(weight) or not weight.act.is_dynamic:
+        return "only for FP8 codes with dynamic activation quantization"
     if weight.act.granularity not in ("tensor", "row") or not is_per_tensor_or_row(weight):
         return "torch._scaled_mm here takes per-tensor or per-row scales, not block-wise ones"
     n, k = weight.shape
@@ -225,20 +151,17 @@ def scaled_mm_operand_refusal(x, weight) -> str | None:
     return None
 
 
-# cuBLAS's FP8 GEMM without periodic promotion of the accumulator (torchao's inference default): on the H100 the
-# row-wise GEMM at 4608 x 3072 x 9216 took 250 us without it, torchao's whole dynamic linear 240 us with it. The
-# output SQNR against float64 did not move (28.6 dB for both at M = 256: activation rounding dominates).
-SCALED_MM_FAST_ACCUM = True
-
-
 def _scaled_mm_refusal(x, weight, bias):
     return scaled_mm_operand_refusal(x, weight) or _cuda_capability_refusal(x, (8, 9), "torch._scaled_mm")
 
 
 def run_scaled_mm(x, weight, bias):
+    """The ``torch_scaled_mm`` backend: fusable activation quantization + ``kernels.scaled_mm.scaled_mm_linear``."""
+    from lrq_ao.kernels.scaled_mm import scaled_mm_linear  # imported with the plug-in backends, before compile
+
     n, k = weight.shape
     x2d = x.reshape(-1, k)
-    xq, x_scale = quantize_activation_fusable(x2d, FP8_DTYPE, weight.act)
+    xq, x_scale = quantize_activation_fusable(x2d, weight.fmt.kernel_dtype, weight.act)
     y = scaled_mm_linear(xq, x_scale, weight.qdata, weight.scale, is_rowwise_scaled_mm(weight), bias, x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
@@ -248,69 +171,14 @@ def is_rowwise_scaled_mm(weight: QuantizedWeightTensor) -> bool:
     return weight.act.granularity == "row" or weight.block_size[0] == 1
 
 
-# cuBLAS's row-wise (outer-vector scaled) FP8 GEMM finds no algorithm for K > N at small M:
-# CUBLAS_STATUS_NOT_SUPPORTED from cublasLtMatmulAlgoGetHeuristic, for torchao's PerRow on the H100 at M = 1 and 16
-# and for ours and torchao's on the H200 at M = 16 (torch 2.11, CUDA 13.0; 12288 -> 3072, 15360 -> 3072,
-# 10240 -> 4096), while the same shapes ran at M >= 256 and the tensor-wise kernel ran at M = 1 and 16. M from 17
-# to 255 was not measured, so below 256 such shapes take the tensor-wise kernel with unit scales instead.
-ROWWISE_SCALED_MM_MIN_M = 256
-SCALED_MM_BACKENDS = ("torch_scaled_mm", "triton_fp8_scaled_mm")  # the backends that end in scaled_mm_linear
+def scaled_mm_note(x, weight, traced):
+    """``describe``'s line for the backends that end in ``scaled_mm_linear``: the unit-scale route at small M."""
+    from lrq_ao.kernels.scaled_mm import rowwise_scaled_mm_unsupported
 
-
-def rowwise_scaled_mm_unsupported(m, n: int, k: int) -> bool:
-    """Whether cuBLAS's row-wise FP8 GEMM is avoided for an ``(m, k) x (k, n)`` product (see above)."""
-    return k > n and m < ROWWISE_SCALED_MM_MIN_M
-
-
-def scale_output_torch(y: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias, out_dtype: torch.dtype):
-    """``(y * x_scale) * w_scale + bias`` in float32, rounded once to ``out_dtype``: the epilogue of the unit-scale
-    route for a float32 ``y (M, N)``; ``x_scale`` has M or 1 entries, ``w_scale`` N or 1."""
-    y = y * x_scale.reshape(-1, 1) * w_scale.reshape(1, -1)
-    return (y if bias is None else y + bias.float()).to(out_dtype)
-
-
-ScaleOutput = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.dtype], torch.Tensor]
-
-
-def scaled_mm_linear(
-    xq,
-    x_scale,
-    wq,
-    w_scale,
-    rowwise: bool,
-    bias,
-    out_dtype: torch.dtype,
-    scale_output: ScaleOutput = scale_output_torch,
-) -> torch.Tensor:
-    """``(xq * x_scale) @ (wq * w_scale).T + bias`` through ``torch._scaled_mm``, for FP8 ``xq (M, K)`` and
-    ``wq (N, K)``, scales as ``quantize_activation`` and the weight layouts store them.
-
-    Where the row-wise kernel is unavailable (``rowwise_scaled_mm_unsupported``) the tensor-wise one runs with unit
-    scales and a float32 output, and ``scale_output`` applies the two scale vectors and the bias and rounds once:
-    the row-wise product's arithmetic. Plain torch ops by default (Inductor fuses them inside ``torch.compile``);
-    the Triton backend's opaque op passes its one-kernel epilogue instead: run eagerly, the plain ops were five more
-    launches and held 12288 -> 3072 at M = 16 to 0.64x bf16 on the H200 (1.00x with the one kernel). Under
-    ``torch.compile`` the test on M becomes a guard, so a graph serves either side of the threshold."""
-    m, (n, k) = xq.shape[0], wq.shape
-    wq_t = wq.contiguous().t()  # column-major (K, N), as cuBLAS wants the second operand
-    bias = None if bias is None else bias.to(out_dtype)
-    if rowwise and rowwise_scaled_mm_unsupported(m, n, k):
-        one = x_scale.new_ones((1, 1))
-        y = torch._scaled_mm(xq, wq_t, one, one, out_dtype=torch.float32, use_fast_accum=SCALED_MM_FAST_ACCUM)
-        return scale_output(y, x_scale, w_scale, bias, out_dtype)
-    x_scale, w_scale = scaled_mm_scales(x_scale, w_scale, rowwise, m, n)
-    return torch._scaled_mm(
-        xq, wq_t, scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=out_dtype, use_fast_accum=SCALED_MM_FAST_ACCUM
-    )
-
-
-def scaled_mm_scales(x_scale: torch.Tensor, w_scale: torch.Tensor, rowwise: bool, m, n: int):
-    """The ``(scale_a, scale_b)`` that ``torch._scaled_mm`` takes: ``(1, 1)`` twice for its tensor-wise kernel,
-    else ``(M, 1)`` and ``(1, N)``, contiguous, with a per-tensor side broadcast (cuBLAS takes no mix of kinds).
-    Decided from the weight's metadata, never from M (symbolic under ``torch.compile(dynamic=True)``)."""
-    if not rowwise:
-        return x_scale.reshape(1, 1), w_scale.reshape(1, 1)
-    return x_scale.reshape(-1, 1).expand(m, 1).contiguous(), w_scale.reshape(1, -1).expand(1, n).contiguous()
+    m, (n, k) = x.numel() // x.shape[-1], weight.shape
+    if is_rowwise_scaled_mm(weight) and rowwise_scaled_mm_unsupported(m, n, k):
+        return f"at M={m}: cuBLAS's tensor-wise FP8 GEMM with unit scales, both scales applied to its output"
+    return None
 
 
 # torch._int_mm on CUDA requires M > 16. Padding 16 zero rows unconditionally meets that without a branch on M.
@@ -318,8 +186,11 @@ _INT_MM_ROW_PAD = 16
 
 
 def _int_mm_refusal(x, weight, bias):
-    if weight.qdtype != torch.int8 or not weight.act.is_dynamic:
-        return "only for INT8 weights with dynamic activation quantization"
+    refusal = kernel_codes_refusal(weight)
+    if refusal is not None:
+        return refusal
+    if codes_are_float(weight) or not weight.act.is_dynamic:
+        return "only for INT8 codes with dynamic activation quantization"
     if weight.act.granularity != "row" or not is_per_tensor_or_row(weight):
         return "torch._int_mm here needs per-token activations and a per-row or per-tensor weight"
     n, k = weight.shape
@@ -334,7 +205,7 @@ def _run_int_mm(x, weight, bias):
     n, k = weight.shape
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
-    xq, x_scale = quantize_activation_fusable(x2d, torch.int8, weight.act)
+    xq, x_scale = quantize_activation_fusable(x2d, weight.fmt.kernel_dtype, weight.act)
     xq = F.pad(xq, (0, 0, 0, _INT_MM_ROW_PAD))
     acc = torch._int_mm(xq, weight.qdata.contiguous().t())[:m]
     y = (acc.float() * x_scale * weight.scale.reshape(1, -1)).to(x.dtype)
@@ -343,10 +214,13 @@ def _run_int_mm(x, weight, bias):
     return y.reshape(*x.shape[:-1], n)
 
 
-register_linear_backend(LinearBackend("torch_scaled_mm", KernelChoice.TORCH, _scaled_mm_refusal, run_scaled_mm), 110)
+register_linear_backend(
+    LinearBackend("torch_scaled_mm", KernelChoice.TORCH, _scaled_mm_refusal, run_scaled_mm, scaled_mm_note), 110
+)
 register_linear_backend(LinearBackend("torch_int_mm", KernelChoice.TORCH, _int_mm_refusal, _run_int_mm), 110)
 register_linear_backend(
-    LinearBackend("torch_weight_only", KernelChoice.TORCH, _weight_only_refusal, _run_weight_only), 100
+    LinearBackend("torch_weight_only", KernelChoice.TORCH, _weight_only_refusal, _run_weight_only, _weight_only_note),
+    100,
 )
 register_linear_backend(LinearBackend("emulated", KernelChoice.EMULATED, _emulated_refusal, _run_emulated), 0)
 

@@ -1,11 +1,12 @@
-"""Op handlers shared by every quantized weight layout, registered on ``QuantizedWeightTensor``.
+"""Op handlers shared by every quantized weight layout and format, registered on ``QuantizedWeightTensor``.
 
-Declared once here; ``Float8Tensor`` and ``Int8Tensor`` inherit them. Each handler keeps ``qdata``, ``scale`` and
-``block_size`` coherent: a transpose transposes the scale grid and the block size, a slice along the output
-dimension slices the scale grid (and must stay on block boundaries), ``split``/``chunk``/``cat`` along the output
-dimension keep each part's scales (never merged or requantized), a ``.to(dtype)`` changes the dtype the
-tensor dequantizes to. Anything not listed raises ``NotImplementedError`` naming the op and the layout
-(``QuantizedWeightTensor.__torch_dispatch__``).
+Subclasses find them through ``QuantizedWeightTensor.__torch_dispatch__``. Each handler keeps ``qdata``, ``scale``,
+``scale2`` and ``block_size`` coherent and keeps ``fmt``: a transpose transposes the scale grid and the block size
+(refused for packed or rotated codes, which only make sense along K), a slice along the output dimension slices the
+scale grid (and must stay on block boundaries), ``split``/``chunk``/``cat`` along the output dimension keep each
+part's scales (never merged or requantized), a ``.to(dtype)`` changes the dtype the tensor dequantizes to. Anything
+not listed raises ``NotImplementedError`` naming the op and the layout (``QuantizedWeightTensor.__torch_dispatch__``).
+Sizes, strides and offsets are the wrapper's logical ones (``lrq_ao.layouts.base.logical_geometry``).
 """
 
 from __future__ import annotations
@@ -20,12 +21,31 @@ implements = QuantizedWeightTensor.implements
 implements_torch_function = QuantizedWeightTensor.implements_torch_function
 
 
-def _rebuild(t: QuantizedWeightTensor, qdata, scale, block_size, dtype=None) -> QuantizedWeightTensor:
-    return type(t)(qdata, scale, block_size, t.dtype if dtype is None else dtype, act=t.act, kernel=t.kernel)
+def _rebuild(t: QuantizedWeightTensor, qdata, scale, block_size, dtype=None, scale2=None) -> QuantizedWeightTensor:
+    scale2 = t.scale2 if scale2 is None else scale2
+    dtype = t.dtype if dtype is None else dtype
+    return type(t)(qdata, scale, block_size, dtype, t.fmt, scale2, act=t.act, kernel=t.kernel)
 
 
-def transposed(t: QuantizedWeightTensor) -> QuantizedWeightTensor:
-    """``t.T``: data, scale grid and block size all transpose (a per-row layout becomes per-column)."""
+def transpose_refusal(t: QuantizedWeightTensor) -> str | None:
+    """Why ``t`` cannot be transposed (``None`` if it can): packed codes share a byte along K, rotated codes are
+    rotated along K; a transposed view of either would mean something else."""
+    if t.fmt.element.packed:
+        return f"format {t.fmt.name} packs {t.fmt.element.bits}-bit codes along K"
+    if t.fmt.rotates:
+        return f"format {t.fmt.name} stores codes rotated along K"
+    return None
+
+
+def transposed(t: QuantizedWeightTensor, op: str = "transpose") -> QuantizedWeightTensor:
+    """``t.T``: data, scale grid and block size all transpose (a per-row layout becomes per-column). Raises
+    ``NotImplementedError`` for a format whose codes cannot be transposed (``transpose_refusal``)."""
+    reason = transpose_refusal(t)
+    if reason is not None:
+        raise NotImplementedError(
+            f"{op} of a {type(t).__name__} of shape {tuple(t.shape)}: {reason}, so it cannot be transposed; use "
+            f"F.linear(x, weight) (not x @ weight.T) or .dequantize()"
+        )
     bn, bk = t.block_size
     return _rebuild(t, t.qdata.t(), t.scale.t(), (bk, bn))
 
@@ -35,7 +55,7 @@ def transposed(t: QuantizedWeightTensor) -> QuantizedWeightTensor:
 
 @implements([aten.t.default])
 def _t(func, types, args, kwargs):
-    return return_and_correct_aliasing(func, args, kwargs, transposed(args[0]))
+    return return_and_correct_aliasing(func, args, kwargs, transposed(args[0], str(func)))
 
 
 @implements([aten.transpose.int])
@@ -43,7 +63,7 @@ def _transpose(func, types, args, kwargs):
     t, dim0, dim1 = args[0], args[1], args[2]
     if {dim0 % 2, dim1 % 2} == {0}:
         return return_and_correct_aliasing(func, args, kwargs, t._apply_fn_to_data(lambda x: x))
-    return return_and_correct_aliasing(func, args, kwargs, transposed(t))
+    return return_and_correct_aliasing(func, args, kwargs, transposed(t, str(func)))
 
 
 @implements([aten.permute.default])
@@ -51,20 +71,23 @@ def _permute(func, types, args, kwargs):
     t, dims = args[0], [d % 2 for d in args[1]]
     if dims == [0, 1]:
         return return_and_correct_aliasing(func, args, kwargs, t._apply_fn_to_data(lambda x: x))
-    return return_and_correct_aliasing(func, args, kwargs, transposed(t))
+    return return_and_correct_aliasing(func, args, kwargs, transposed(t, str(func)))
 
 
 @implements([aten.as_strided.default])
 def _as_strided(func, types, args, kwargs):
-    """Only the views lrq_ao itself makes: identity, transpose, and whole-row ranges of either orientation."""
+    """Only the views lrq_ao itself makes: identity, transpose, and whole-row ranges of either orientation. Sizes,
+    strides and offsets are the wrapper's, in codes (``lrq_ao.layouts.base.logical_geometry``), so this holds for
+    packed codes too; a transpose only where the format allows one."""
     t, size, stride = args[0], tuple(args[1]), tuple(args[2])
     offset = args[3] if len(args) > 3 else kwargs.get("storage_offset")
-    offset = t.qdata.storage_offset() if offset is None else offset
-    for candidate in (t, transposed(t)):
-        row_stride = candidate.qdata.stride()
+    offset = t.storage_offset() if offset is None else offset
+    candidates = (t,) if transpose_refusal(t) is not None else (t, transposed(t))
+    for candidate in candidates:
+        row_stride = candidate.stride()
         if stride != tuple(row_stride) or size[1:] != tuple(candidate.shape[1:]):
             continue
-        shift = offset - candidate.qdata.storage_offset()
+        shift = offset - candidate.storage_offset()
         if shift % row_stride[0] == 0:
             start = shift // row_stride[0]
             if start == 0 and size[0] == candidate.shape[0]:
@@ -197,8 +220,8 @@ def _split(func, types, args, kwargs):
 
 @implements([aten.cat.default])
 def _cat(func, types, args, kwargs):
-    """Concatenate along the output dimension (fusing Q, K, V). Parts must share class, block size, dtype,
-    activation mode and kernel: scales are never merged or requantized."""
+    """Concatenate along the output dimension (fusing Q, K, V). Parts must share class, format, block size, dtype,
+    activation mode, kernel and ``scale2``: scales are never merged or requantized."""
     parts = list(args[0])
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
     first = parts[0]
@@ -206,11 +229,16 @@ def _cat(func, types, args, kwargs):
         raise NotImplementedError(
             f"{func}: {unsupported_op_message(func, args, kwargs)}; only quantized weights along dim 0 concatenate"
         )
-    meta = {(type(p), p.block_size, p.shape[1], p.dtype, p.act, p.kernel) for p in parts}
+    meta = {(type(p), p.fmt, p.block_size, p.shape[1], p.dtype, p.act, p.kernel) for p in parts}
     if len(meta) != 1:
         raise ValueError(
-            f"cat of quantized weights needs one class, block size, K, dtype, activation mode and kernel; got "
-            f"{sorted(str(m) for m in meta)}. Requantize the fused weight with from_hp() instead"
+            f"cat of quantized weights needs one class, block size, format, K, dtype, activation mode and kernel; "
+            f"got {sorted(str(m) for m in meta)}. Requantize the fused weight with from_hp() instead"
+        )
+    if not _same_scale2(parts):
+        raise ValueError(
+            f"cat of quantized weights of format {first.fmt.name} needs one second-level scale (scale2) for all "
+            f"parts; requantize the fused weight instead"
         )
     return _rebuild(first, torch.cat([p.qdata for p in parts]), torch.cat([p.scale for p in parts]), first.block_size)
 
@@ -218,9 +246,18 @@ def _cat(func, types, args, kwargs):
 # ---- copies, device moves and dtype changes -----------------------------------------------------------------
 
 
+def _same_scale2(parts: list[QuantizedWeightTensor]) -> bool:
+    first = parts[0].scale2
+    if first is None:
+        return all(p.scale2 is None for p in parts)
+    return all(p.scale2 is not None and torch.equal(p.scale2, first) for p in parts)
+
+
 def _same_layout(a: QuantizedWeightTensor, b: QuantizedWeightTensor) -> bool:
     return (
         type(a) is type(b)
+        and a.fmt == b.fmt
+        and (a.scale2 is None) == (b.scale2 is None)
         and a.shape == b.shape
         and a.block_size == b.block_size
         and a.scale.shape == b.scale.shape
@@ -240,6 +277,8 @@ def _copy_(func, types, args, kwargs):
             )
         dst.qdata.copy_(src.qdata)
         dst.scale.copy_(src.scale)
+        if dst.scale2 is not None:
+            dst.scale2.copy_(src.scale2)
         dst.act, dst.kernel = src.act, src.kernel
         return dst
     if isinstance(src, QuantizedWeightTensor):  # plain destination: write the dequantized values
@@ -255,7 +294,8 @@ def _moved(t: QuantizedWeightTensor, device, dtype, non_blocking: bool) -> Quant
     check_high_precision_dtype(dtype, f"{type(t).__name__}.to({dtype})")
     qdata = t.qdata.to(device, non_blocking=non_blocking)
     scale = t.scale.to(device, non_blocking=non_blocking)
-    return _rebuild(t, qdata, scale, t.block_size, dtype)
+    scale2 = None if t.scale2 is None else t.scale2.to(device, non_blocking=non_blocking)
+    return _rebuild(t, qdata, scale, t.block_size, dtype, scale2)
 
 
 @implements([aten._to_copy.default])
@@ -282,4 +322,4 @@ def _pin_memory(func, types, args, kwargs):
 @implements([aten.is_pinned.default])
 def _is_pinned(func, types, args, kwargs):
     t = args[0]
-    return t.qdata.is_pinned() and t.scale.is_pinned()
+    return t.qdata.is_pinned() and t.scale.is_pinned() and (t.scale2 is None or t.scale2.is_pinned())

@@ -118,7 +118,7 @@ def test_compiled_activation_quantized_in_graph_only_when_fast_and_narrow(fmt, e
     """Fast mode below FUSED_QUANT_MAX_K: the compiled graph quantizes in plain torch ops and calls only the GEMM op,
     within bf16 noise of the eager (exact) call. Fast mode at or above it, and exact mode at any K: the one Triton op
     (quantization + GEMM) and a result bit-identical to the eager call."""
-    from lrq_ao.kernels import backends
+    from lrq_ao.layouts import triton_backends as backends
 
     if wide:  # K = 96 here: the real threshold needs huge CPU shapes
         monkeypatch.setattr(backends, "FUSED_QUANT_MAX_K", 64)
@@ -137,3 +137,33 @@ def test_compiled_activation_quantized_in_graph_only_when_fast_and_narrow(fmt, e
     else:
         FileCheck().check(f"lrq_ao.{COMPILED_OP[op]}").check_not(f"lrq_ao.{op}").run(code)
         assert sqnr(eager, out) > 40.0
+
+
+def test_rotating_format_runs_the_ordinary_int8_kernel_on_rotated_activations():
+    """A format that rotates its inputs (ConvRot-like; here a sign flip of every other input feature, its own
+    inverse) and keeps INT8 kernels: the Triton row GEMM runs on ``rotate_input(x)`` and the stored codes."""
+    from dataclasses import dataclass
+
+    from lrq_ao.formats.scaled import ScaledFormat
+    from lrq_ao.layouts import weight_tensor
+
+    @dataclass(frozen=True)
+    class FlipSigns(ScaledFormat):
+        rotates = True  # a class attribute shadows the base property: every instance rotates
+        kernel_dtype = torch.int8
+
+        def rotate_input(self, x):
+            return x * torch.tensor([1.0, -1.0], dtype=x.dtype, device=x.device).repeat(x.shape[-1] // 2)
+
+        rotate_weight = unrotate_weight = rotate_input
+
+    fmt = FlipSigns(torch.int8, "row")
+    w = scaled_randn(64, 96, dtype=torch.float32, seed=3).cpu()
+    qw = fmt.quantize(w)
+    act = activation_mode_for("dynamic", fmt, qw.block_size, w.shape)
+    weight = weight_tensor(fmt, qw, torch.bfloat16, act=act, kernel="triton").to(DEVICE)
+    x = scaled_randn(6, 96)
+    assert weight.describe(x).splitlines()[0].endswith(": triton_w8a8_row")
+    y = F.linear(x, weight)
+    plain = F.linear(x.float(), weight.dequantize(torch.float32))
+    assert sqnr(plain, y) > SQNR_FLOOR_DB

@@ -209,8 +209,8 @@ def test_only_narrow_fast_activations_are_quantized_in_graph_and_only_while_trac
     """AOTAutograd traces the subclass with fake inputs (and, on torch 2.11, ``is_compiling()`` false)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lrq_ao.kernels.backends import FUSED_QUANT_MAX_K, quantize_in_graph
     from lrq_ao.layouts.activation import ActivationMode
+    from lrq_ao.layouts.triton_backends import FUSED_QUANT_MAX_K, quantize_in_graph
 
     fast = ActivationMode("dynamic", "row", exact=False)
     x_narrow, x_wide = _x(), torch.randn(3, FUSED_QUANT_MAX_K, dtype=torch.bfloat16)
@@ -249,9 +249,9 @@ def test_int_mm_selected_and_accurate_on_cuda():
 
 
 # cuBLAS's row-wise FP8 GEMM has no algorithm for K > N at small M (measured on the H100 / H200; see
-# layouts.linear.ROWWISE_SCALED_MM_MIN_M): such products take the tensor-wise kernel with unit scales.
+# kernels.scaled_mm.ROWWISE_SCALED_MM_MIN_M): such products take the tensor-wise kernel with unit scales.
 def test_rowwise_scaled_mm_is_avoided_only_for_k_above_n_at_small_m():
-    from lrq_ao.layouts.linear import ROWWISE_SCALED_MM_MIN_M, rowwise_scaled_mm_unsupported
+    from lrq_ao.kernels.scaled_mm import ROWWISE_SCALED_MM_MIN_M, rowwise_scaled_mm_unsupported
 
     assert rowwise_scaled_mm_unsupported(16, 3072, 12288) and rowwise_scaled_mm_unsupported(1, 4096, 10240)
     assert not rowwise_scaled_mm_unsupported(ROWWISE_SCALED_MM_MIN_M, 3072, 12288)
@@ -275,7 +275,7 @@ def _fp8_operands(m: int, n: int, k: int, device: str = "cpu"):
 def test_scaled_mm_linear_unit_scale_route_matches_the_rowwise_product(m):
     """On CPU both routes run (torch's CPU ``_scaled_mm``): the unit-scale one (K > N, M < 256) must give the
     row-wise product within bfloat16 rounding, against a float64 computation of the same quantized operands."""
-    from lrq_ao.layouts.linear import scaled_mm_linear, scaled_mm_scales
+    from lrq_ao.kernels.scaled_mm import scaled_mm_linear, scaled_mm_scales
 
     xq, x_scale, w, bias, expected = _fp8_operands(m, 32, 96)
     y = scaled_mm_linear(xq, x_scale, w.qdata, w.scale, True, bias, torch.bfloat16)
@@ -306,7 +306,7 @@ def test_fp8_dynamic_k_above_n_runs_at_every_m_on_cuda(m):
 def test_scaled_mm_linear_compiles_on_both_sides_of_the_m_threshold():
     """The test on M is a guard under torch.compile(dynamic=True): no graph break, the same result as eager below
     and above ``ROWWISE_SCALED_MM_MIN_M`` (CPU ``_scaled_mm``, K > N)."""
-    from lrq_ao.layouts.linear import ROWWISE_SCALED_MM_MIN_M, scaled_mm_linear
+    from lrq_ao.kernels.scaled_mm import ROWWISE_SCALED_MM_MIN_M, scaled_mm_linear
 
     torch._dynamo.reset()
     compiled = torch.compile(scaled_mm_linear, fullgraph=True, dynamic=True)

@@ -130,10 +130,35 @@ def test_repr():
     assert_expected_inline(
         repr(t),
         """\
-Int8Tensor(shape=(2, 4), dtype=torch.float32, layout=per-row, block_size=(1, 4),
+Int8Tensor(shape=(2, 4), dtype=torch.float32, format=int8, layout=per-row, block_size=(1, 4),
   act=dynamic/row, kernel=auto, device=cpu,
   qdata=tensor([[  64, -127,   32,    0],
         [ 127,   95,  -32,   64]], dtype=torch.int8),
   scale=tensor([[0.0157],
         [0.0315]]))""",
     )
+
+
+def test_checkpoint_pickled_before_tensors_carried_a_format_loads(tmp_path):
+    """A tensor pickled by lrq_ao before ``fmt`` / ``scale2`` existed: its state is qdata, scale, block_size, act,
+    kernel. Loading gives the 8-bit scaled format its dtype and block size mean (checked once against a real
+    checkpoint written by the previous version, too)."""
+    t = Int8Tensor.from_hp(_weight(), "block", block=32, act=ActivationMode("dynamic", "block", 32))
+    old = Int8Tensor.from_hp(_weight(), "block", block=32, act=ActivationMode("dynamic", "block", 32))
+    del old.__dict__["fmt"], old.__dict__["scale2"]
+    torch.save(old, tmp_path / "old.pt")
+    loaded = torch.load(tmp_path / "old.pt", weights_only=True)
+    assert type(loaded) is Int8Tensor and loaded.fmt == format_spec("int8_block", 32) and loaded.scale2 is None
+    assert loaded.act == t.act and torch.equal(loaded.dequantize(), t.dequantize())
+
+
+def test_weight_tensor_and_quantized_weight_round_trip():
+    from lrq_ao.layouts import weight_tensor
+
+    fmt = format_spec("fp8_block", 32)
+    qw = fmt.quantize(_weight(), "w")
+    t = weight_tensor(fmt, qw, torch.bfloat16, kernel="torch")
+    assert type(t) is Float8Tensor and t.fmt == fmt and t.kernel is KernelChoice.TORCH
+    back = t.quantized_weight()
+    assert back.qdata is t.qdata and back.block_size == qw.block_size and back.scale2 is None
+    assert torch.equal(t.dequantize(torch.float32), fmt.dequantize(qw))

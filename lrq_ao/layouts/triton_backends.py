@@ -1,8 +1,12 @@
-"""TRITON linear backends, registered with ``lrq_ao.layouts.linear`` (which imports this module lazily).
+"""TRITON linear backends: the policy of which ``lrq_ao.kernels`` op runs which quantized weight.
 
-Importing this module does not import Triton: each backend declares its capability from dtypes, devices, static
-sizes (N, K) and the weight's metadata only (never the batch size M), and the kernel modules are imported the
-first time a backend accepts an input. ``weight.describe(x)`` shows the choice and every refusal.
+Registered with ``lrq_ao.layouts.registry``, which imports this module at the first eager selection or construction
+(never at ``import lrq_ao``). Importing it does not import Triton: each backend declares its capability from dtypes,
+devices, static sizes (N, K) and the weight's metadata only (never the batch size M), and the kernel modules are
+imported the first time a backend accepts an input. ``weight.describe(x)`` shows the choice and every refusal.
+Every backend asks the format (``lrq_ao.layouts.linear.kernel_codes_refusal``): a format without an 8-bit kernel
+dtype, or with a second-level scale, is refused; FP8-versus-INT8 is ``fmt.kernel_dtype.is_floating_point``; the
+dtype of the activation quantization is ``fmt.kernel_dtype``. A rotating format arrives here with ``x`` rotated.
 
 | backend | weight | activations | kernel | priority |
 | --- | --- | --- | --- | --- |
@@ -39,17 +43,19 @@ import importlib
 
 import torch
 
+import lrq_ao.kernels.scaled_mm  # noqa: F401  (loaded here, outside compile, for the backends that import it)
 from lrq_ao.kernels._runtime import fp8_compute_refusal, triton_refusal
 from lrq_ao.layouts.activation import KernelChoice, quantize_activation_fusable
 from lrq_ao.layouts.linear import (
-    LinearBackend,
+    codes_are_float,
     is_per_tensor_or_row,
     is_traced_for_compile,
-    register_linear_backend,
+    kernel_codes_refusal,
     run_scaled_mm,
+    scaled_mm_note,
     scaled_mm_operand_refusal,
 )
-from lrq_ao.primitives import FP8_DTYPE, dequantize
+from lrq_ao.layouts.registry import LinearBackend, register_linear_backend
 
 BLOCKS = (32, 64, 128, 256)
 _ops_loaded = False
@@ -64,10 +70,10 @@ def _load_ops() -> None:
 
 
 def _device_refusal(x: torch.Tensor, weight) -> str | None:
-    reason = triton_refusal(x.device)
+    reason = kernel_codes_refusal(weight) or triton_refusal(x.device)
     if reason is None and x.device.type == "cpu" and weight.kernel is not KernelChoice.TRITON:
         reason = "the Triton interpreter runs on CPU only when kernel='triton' is asked for"
-    if reason is None and weight.qdtype == FP8_DTYPE and weight.act.is_dynamic:
+    if reason is None and codes_are_float(weight) and weight.act.is_dynamic:
         reason = fp8_compute_refusal(x.device)
     return reason
 
@@ -139,7 +145,7 @@ def _run_w8a8_row(x, weight, bias):
     scale = weight.scale if weight.block_size[0] == 1 else weight.scale.reshape(1, 1)
     x2d = _as_2d(x)
     if quantize_in_graph(x, weight):
-        xq, x_scale = quantize_activation_fusable(x2d, weight.qdtype, weight.act)
+        xq, x_scale = quantize_activation_fusable(x2d, weight.fmt.kernel_dtype, weight.act)
         y = torch.ops.lrq_ao.row_scaled_gemm(xq, x_scale, weight.qdata, scale, bias, _dtype_name(x.dtype))
     else:
         y = torch.ops.lrq_ao.row_scaled_linear(x2d, weight.qdata, scale, bias, weight.act.granularity)
@@ -170,7 +176,7 @@ def _w8a8_block_refusal(x, weight, bias):
 def _run_w8a8_block(x, weight, bias):
     x2d, block = _as_2d(x), weight.block_size[1]
     if quantize_in_graph(x, weight):
-        xq, x_scale = quantize_activation_fusable(x2d, weight.qdtype, weight.act)
+        xq, x_scale = quantize_activation_fusable(x2d, weight.fmt.kernel_dtype, weight.act)
         y = torch.ops.lrq_ao.block_scaled_gemm(
             xq, x_scale, weight.qdata, weight.scale, block, bias, _dtype_name(x.dtype)
         )
@@ -210,7 +216,7 @@ def gemv_in_graph(x2d: torch.Tensor) -> bool:
 
 def gemv_reduction(x2d: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     """``x (1, K) @ dq(W).T + bias`` as an elementwise product summed over K, in float32, output in ``x.dtype``."""
-    w = dequantize(weight.qdata, weight.scale, weight.block_size)  # fused into the reduction, never materialized
+    w = weight.dequantize_stored(torch.float32)  # fused into the reduction, never materialized
     y = (x2d.float() * w).sum(dim=-1).unsqueeze(0)
     return (y if bias is None else y + bias.float()).to(x2d.dtype)
 
@@ -225,11 +231,18 @@ def _run_weight_only(x, weight, bias):
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _weight_only_note(x, weight, traced):
+    if traced and x.numel() // x.shape[-1] == 1:
+        return "at M=1 under torch.compile: one Inductor reduction kernel (GEMV) in place of the op"
+    return None
+
+
+TRITON = KernelChoice.TRITON
 BACKENDS = [
-    (LinearBackend("triton_fp8_scaled_mm", KernelChoice.TRITON, _fp8_scaled_mm_refusal, _run_fp8_scaled_mm), 120),
-    (LinearBackend("triton_w8a8_block", KernelChoice.TRITON, _w8a8_block_refusal, _run_w8a8_block), 120),
-    (LinearBackend("triton_w8a8_row", KernelChoice.TRITON, _w8a8_row_refusal, _run_w8a8_row), 115),
-    (LinearBackend("triton_weight_only", KernelChoice.TRITON, _weight_only_refusal, _run_weight_only), 105),
+    (LinearBackend("triton_fp8_scaled_mm", TRITON, _fp8_scaled_mm_refusal, _run_fp8_scaled_mm, scaled_mm_note), 120),
+    (LinearBackend("triton_w8a8_block", TRITON, _w8a8_block_refusal, _run_w8a8_block), 120),
+    (LinearBackend("triton_w8a8_row", TRITON, _w8a8_row_refusal, _run_w8a8_row), 115),
+    (LinearBackend("triton_weight_only", TRITON, _weight_only_refusal, _run_weight_only, _weight_only_note), 105),
 ]
 
 for _backend, _priority in BACKENDS:
