@@ -17,7 +17,7 @@ import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
 
-from lrq_ao.formats import FormatError, QuantizedWeight, WeightFormat
+from lrq_ao.formats import FORMATS, FormatError, QuantizedWeight, WeightFormat, get_format
 from lrq_ao.formats.base import MIN_SCALE, blocked_amax, check_2d
 from lrq_ao.formats.elements import Element
 from lrq_ao.formats.scaled import ScaledFormat
@@ -31,6 +31,7 @@ from lrq_ao.layouts import (
     register_safe_globals,
     registered_backends,
     select_linear_backend,
+    tensor_class_for,
     weight_tensor,
 )
 from lrq_ao.primitives import sqnr
@@ -331,3 +332,52 @@ def test_rotated_tensor_as_compiled_input():
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, w: F.linear(x, w), backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x, t), F.linear(x, t))
+
+
+# ---- every registered format that is not an 8-bit scaled one (MXFP8, NVFP4, ConvRot, ...) ---------------------
+
+OTHER_FORMATS = sorted(name for name, fmt in FORMATS.items() if not isinstance(fmt, ScaledFormat))
+
+
+@pytest.mark.parametrize("name", OTHER_FORMATS)
+def test_registered_format_through_the_tensor_class(name, tmp_path):
+    """Dequantize is the format's own ``dequantize_original``; weight-only linear (and dynamic where the format has
+    it) is ``F.linear`` on that weight up to bf16 / activation rounding; save and load keep everything."""
+    fmt = get_format(name)
+    w = _gaussian(48, 256, seed=11)
+    qw = fmt.quantize(w)
+    x = _gaussian(2, 3, 256, seed=12, dtype=torch.bfloat16)
+    kinds = ["weight_only"] + (["dynamic"] if not isinstance(fmt.dynamic_activation((1, 256), (48, 256)), str) else [])
+    for kind in kinds:
+        act = activation_mode_for(kind, fmt, qw.block_size, (48, 256))
+        t = weight_tensor(fmt, qw, torch.bfloat16, act=act)
+        assert type(t) is tensor_class_for(fmt) and t.shape == (48, 256) and t.fmt == fmt
+        assert torch.equal(t.dequantize(torch.float32), fmt.dequantize_original(qw, torch.float32))
+        y = F.linear(x, t)
+        # bf16 output rounding alone is ~50 dB; INT8 dynamic activations measured 40-41 dB
+        assert sqnr(F.linear(x.double(), t.dequantize(torch.float64)), y) > 38, kind
+        torch.save(t, tmp_path / "t.pt")
+        loaded = torch.load(tmp_path / "t.pt", weights_only=True)
+        assert type(loaded) is type(t) and loaded.fmt == fmt and loaded.act == t.act
+        assert torch.equal(loaded.dequantize(), t.dequantize())
+
+
+# formats.convrot.hadamard is functools.lru_cache'd: under torch.compile it hands a real tensor to fake-tensor tracing
+# ("Please convert all Tensors to FakeTensors first", aten.mm of the rotation). Calling the uncached function
+# (hadamard.__wrapped__) compiles and matches eager; the fix belongs in lrq_ao/formats/convrot.py.
+CONVROT_CACHE = pytest.mark.xfail(strict=True, reason="formats.convrot.hadamard's lru_cache leaks a real tensor")
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=CONVROT_CACHE) if n == "int8_convrot" else n for n in OTHER_FORMATS]
+)
+def test_registered_format_compiles_with_the_tensor_as_input(name):
+    fmt = get_format(name)
+    qw = fmt.quantize(_gaussian(48, 256, seed=11))
+    t = weight_tensor(fmt, qw, torch.bfloat16)
+    x = _gaussian(2, 3, 256, seed=12, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, w: (F.linear(x, w), w[16:]), backend="aot_eager", fullgraph=True)
+    y, rows = compiled(x, t)
+    assert torch.equal(y, F.linear(x, t)) and rows.fmt == fmt
+    assert torch.equal(rows.dequantize(), t.dequantize()[16:])
