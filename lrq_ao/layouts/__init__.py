@@ -7,8 +7,8 @@ package registers the op handlers on the tensor class (``ops``, ``linear``) and 
 format classes with ``torch.serialization`` so that ``torch.load(..., weights_only=True)`` accepts checkpoints
 holding them.
 
-Modules, bottom to top (no module imports one above it): ``activation`` (modes, reference activation
-quantization), ``legacy`` (old dtype-keyed spellings -> formats), ``registry`` (linear backends and their selection),
+Modules, bottom to top (no module imports one above it): ``legacy`` (old dtype-keyed spellings -> formats),
+``activation`` (modes, reference activation quantization), ``registry`` (linear backends and their selection),
 ``base`` (the tensor class), ``ops`` (view / copy / device handlers), ``linear`` (built-in backends, matmul
 handlers), ``float8`` / ``int8`` (named classes), ``triton_backends`` (loaded lazily by the registry).
 """

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lrq_ao.layouts.legacy import legacy_format
 from lrq_ao.primitives import DEFAULT_BLOCK, MIN_SCALE, qmax_of, round_to_grid
 
 if TYPE_CHECKING:
@@ -119,8 +120,6 @@ def activation_mode_for(
     if kind != "dynamic":
         raise ValueError(f"activation kind must be one of {ACTIVATION_KINDS}, got {kind!r}")
     if isinstance(fmt, torch.dtype):
-        from lrq_ao.layouts.legacy import legacy_format
-
         fmt = legacy_format(fmt, weight_block_size, shape)
     pairing = fmt.dynamic_activation(tuple(weight_block_size), (int(shape[0]), int(shape[1])))
     if isinstance(pairing, str):
