@@ -113,7 +113,7 @@ def activation_mode_for(
     is the old spelling and means the 8-bit scaled format of that element (``lrq_ao.layouts.legacy``).
 
     Raises ``ValueError`` for an unknown kind, or for ``dynamic`` with a format that has no dynamic mode (the
-    format's own sentence).
+    format's own sentence) or no ``kernel_dtype`` (the dtype dynamic activations are quantized to).
     """
     if kind == "weight_only":
         return WEIGHT_ONLY
@@ -124,6 +124,11 @@ def activation_mode_for(
     pairing = fmt.dynamic_activation(tuple(weight_block_size), (int(shape[0]), int(shape[1])))
     if isinstance(pairing, str):
         raise ValueError(pairing)
+    if fmt.kernel_dtype is None:  # the activations' dtype is the codes' kernel dtype; without one, nothing to pair
+        raise ValueError(
+            f"format {fmt.name} pairs with dynamic activations but has no 8-bit kernel dtype in lrq_ao to quantize "
+            f"them to; use activation='weight_only'"
+        )
     granularity, block = pairing
     return ActivationMode("dynamic", granularity, block or DEFAULT_BLOCK, exact=exact)
 

@@ -7,6 +7,9 @@ Inner tensors:
   qdata: the stored codes (``fmt.element.storage_dtype``): ``(N, K)``, or ``(N, K / 2)`` for packed 4-bit codes.
   scale: float32 grid ``(N // bn, K // bk)``.
   scale2: optional float32 scalar of a two-level format (``None`` otherwise; not flattened when absent).
+  extra__<name>: further stored tensors the format keeps in ``QuantizedWeight.extra`` (``w4a8``'s ``s_channel``),
+    flattened under these names; ``extra_names`` (an attribute) lists them. Row selections refuse a weight that has
+    any (their row layout is the format's business); device moves, dtype changes, detach and clone keep them.
 Attributes:
   block_size: ``(bn, bk)`` of this view of the weight; per-tensor ``(N, K)``, per-row ``(1, K)``, blocks ``(b, b)``,
     groups ``(1, g)``. A transpose swaps it, a row slice of a per-tensor weight shortens it.
@@ -44,6 +47,7 @@ from lrq_ao.layouts.legacy import legacy_format
 from lrq_ao.layouts.registry import describe_selection, ensure_plugin_backends
 
 HIGH_PRECISION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+EXTRA_PREFIX = "extra__"  # inner-tensor names of QuantizedWeight.extra (dynamo refuses dotted names)
 
 # element name -> tensor class; filled by ``register_layout``. Elements not listed go to QuantizedWeightTensor.
 LAYOUTS: dict[str, type[QuantizedWeightTensor]] = {}
@@ -113,6 +117,7 @@ class QuantizedWeightTensor(TorchAOBaseTensor):
         scale2: torch.Tensor | None = None,
         act: ActivationMode | None = None,
         kernel: KernelChoice | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
     ):
         shape, strides, offset = logical_geometry(fmt, qdata)
         return torch.Tensor._make_wrapper_subclass(
@@ -129,6 +134,7 @@ class QuantizedWeightTensor(TorchAOBaseTensor):
         scale2: torch.Tensor | None = None,
         act: ActivationMode | None = None,
         kernel: KernelChoice | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
     ):
         # Kept light on purpose: this also runs when torch.compile rebuilds the tensor from fake inner tensors.
         # Validation lives in ``weight_tensor``.
@@ -139,6 +145,43 @@ class QuantizedWeightTensor(TorchAOBaseTensor):
         self.fmt = fmt
         self.act = WEIGHT_ONLY if act is None else act
         self.kernel = KernelChoice.AUTO if kernel is None else KernelChoice(kernel)
+        extra = {} if extra is None else extra
+        self.extra_names = tuple(sorted(extra))
+        for key in self.extra_names:
+            setattr(self, EXTRA_PREFIX + key, extra[key])
+
+    @property
+    def extra(self) -> dict[str, torch.Tensor]:
+        """The format's further stored tensors by name (``QuantizedWeight.extra``); empty for most formats."""
+        return {key: getattr(self, EXTRA_PREFIX + key) for key in self.extra_names}
+
+    # ---- flatten / unflatten / rebuild with the extra tensors (torchao's base knows fixed names only) ---------
+
+    def __tensor_flatten__(self):
+        names, attrs = super().__tensor_flatten__()
+        return names + [EXTRA_PREFIX + key for key in self.extra_names], attrs | {"extra_names": self.extra_names}
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner, attrs, outer_size, outer_stride):
+        extra = {key: inner[EXTRA_PREFIX + key] for key in attrs.get("extra_names", ())}
+        return cls(
+            inner["qdata"],
+            inner["scale"],
+            attrs["block_size"],
+            attrs["dtype"],
+            attrs["fmt"],
+            inner.get("scale2"),
+            act=attrs["act"],
+            kernel=attrs["kernel"],
+            extra=extra,
+        )
+
+    def _apply_fn_to_data(self, fn):
+        scale2 = None if self.scale2 is None else fn(self.scale2)
+        extra = {key: fn(value) for key, value in self.extra.items()}
+        return type(self)(
+            fn(self.qdata), fn(self.scale), self.block_size, self.dtype, self.fmt, scale2, self.act, self.kernel, extra
+        )
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -227,7 +270,7 @@ class QuantizedWeightTensor(TorchAOBaseTensor):
 
     def quantized_weight(self) -> QuantizedWeight:
         """The stored tensors as a ``lrq_ao.formats.QuantizedWeight`` (no copy)."""
-        return QuantizedWeight(self.qdata, self.scale, self.block_size, self.scale2)
+        return QuantizedWeight(self.qdata, self.scale, self.block_size, self.scale2, self.extra)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``F.linear(x, ·)`` needs, as a plain tensor in ``dtype`` (default: the tensor's own dtype):
@@ -255,6 +298,7 @@ class QuantizedWeightTensor(TorchAOBaseTensor):
 
     def __repr__(self) -> str:
         scale2 = "" if self.scale2 is None else f",\n  scale2={self.scale2}"
+        scale2 += "".join(f",\n  extra.{key}={value}" for key, value in self.extra.items())
         return (
             f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, format={self.fmt.name}, "
             f"layout={self.layout_name}, block_size={self.block_size},\n  act={self.act}, kernel={self.kernel}, "
@@ -265,7 +309,8 @@ class QuantizedWeightTensor(TorchAOBaseTensor):
         """Metadata key for torch.compile's AOT autograd cache (values are graph inputs, not part of the key)."""
         parts = [type(self).__qualname__, self.shape, self.stride(), self.dtype, self.block_size, self.fmt]
         parts += [self.act, self.kernel]
-        for inner in (self.qdata, self.scale, self.scale2):
+        parts.append(self.extra_names)
+        for inner in (self.qdata, self.scale, self.scale2, *self.extra.values()):
             if inner is not None:
                 parts += [inner.dtype, inner.shape, inner.stride(), inner.storage_offset(), inner.device.type]
         return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
@@ -307,6 +352,7 @@ def _setstate(self: QuantizedWeightTensor, state: dict[str, Any]) -> None:
     plug-in backends, since ``weight_tensor`` did not run."""
     torch._utils._set_obj_state(self, state)
     self.__dict__.setdefault("scale2", None)
+    self.__dict__.setdefault("extra_names", ())
     if self.__dict__.get("act") is None:
         self.act = WEIGHT_ONLY
     if self.__dict__.get("kernel") is None:
@@ -359,7 +405,10 @@ def weight_tensor(
         )
     ensure_plugin_backends()
     cls = tensor_class_for(fmt)
-    return cls(qdata, scale.float(), block_size, dtype, fmt, scale2, act=act, kernel=kernel)
+    for key, value in qw.extra.items():
+        if not isinstance(value, torch.Tensor) or value.device != qdata.device:
+            raise ValueError(f"{name}: extra tensor {key!r} of format {fmt.name} must be a tensor on {qdata.device}")
+    return cls(qdata, scale.float(), block_size, dtype, fmt, scale2, act=act, kernel=kernel, extra=dict(qw.extra))
 
 
 def _check_scale(scale: torch.Tensor, shape, block_size: tuple[int, int], device: torch.device, name: str) -> None:

@@ -21,10 +21,22 @@ implements = QuantizedWeightTensor.implements
 implements_torch_function = QuantizedWeightTensor.implements_torch_function
 
 
-def _rebuild(t: QuantizedWeightTensor, qdata, scale, block_size, dtype=None, scale2=None) -> QuantizedWeightTensor:
+def _rebuild(
+    t: QuantizedWeightTensor, qdata, scale, block_size, dtype=None, scale2=None, extra=None
+) -> QuantizedWeightTensor:
     scale2 = t.scale2 if scale2 is None else scale2
     dtype = t.dtype if dtype is None else dtype
-    return type(t)(qdata, scale, block_size, dtype, t.fmt, scale2, act=t.act, kernel=t.kernel)
+    extra = t.extra if extra is None else extra
+    return type(t)(qdata, scale, block_size, dtype, t.fmt, scale2, act=t.act, kernel=t.kernel, extra=extra)
+
+
+def _check_no_extra(t: QuantizedWeightTensor, op: str) -> None:
+    """Row selections change the rows of qdata and scale; the format's extra tensors have no declared row layout."""
+    if t.extra_names:
+        raise NotImplementedError(
+            f"{op} of a {type(t).__name__} in format {t.fmt.name}: its extra stored tensors {list(t.extra_names)} "
+            f"have no row layout lrq_ao knows; select rows of the high-precision weight and quantize that instead"
+        )
 
 
 def transpose_refusal(t: QuantizedWeightTensor) -> str | None:
@@ -92,6 +104,7 @@ def _as_strided(func, types, args, kwargs):
             start = shift // row_stride[0]
             if start == 0 and size[0] == candidate.shape[0]:
                 return candidate
+            _check_no_extra(t, "as_strided")
             scale, block_size = _rows_scale(candidate, start, start + size[0], "as_strided")
             return _rebuild(candidate, candidate.qdata[start : start + size[0]], scale, block_size)
     raise NotImplementedError(
@@ -156,6 +169,7 @@ def _slice(func, types, args, kwargs):
     start, end = _normalize_range(start, end, n)
     if (start, end) == (0, n):
         return return_and_correct_aliasing(func, args, kwargs, t._apply_fn_to_data(lambda x: x))
+    _check_no_extra(t, "slice")
     scale, block_size = _rows_scale(t, start, end, "slice")
     return _rebuild(t, t.qdata[start:end], scale, block_size)
 
@@ -176,6 +190,7 @@ def _index_select(func, types, args, kwargs):
             f"{func} along the input dimension: {unsupported_op_message(func, args, kwargs)}; only the output "
             f"dimension (dim 0) is supported"
         )
+    _check_no_extra(t, "index_select")
     n = t.shape[0]
     bn, bk = t.block_size
     rows = t.qdata.index_select(0, index)
@@ -210,6 +225,7 @@ def _split(func, types, args, kwargs):
             f"{func} along the input dimension: {unsupported_op_message(func, args, kwargs)}; only the output "
             f"dimension (dim 0) is supported"
         )
+    _check_no_extra(t, "split")
     pieces, start = [], 0
     for size in _row_sizes(split, t.shape[0]):
         scale, block_size = _rows_scale(t, start, start + size, "split")
@@ -235,6 +251,7 @@ def _cat(func, types, args, kwargs):
             f"cat of quantized weights needs one class, block size, format, K, dtype, activation mode and kernel; "
             f"got {sorted(str(m) for m in meta)}. Requantize the fused weight with from_hp() instead"
         )
+    _check_no_extra(first, "cat")
     if not _same_scale2(parts):
         raise ValueError(
             f"cat of quantized weights of format {first.fmt.name} needs one second-level scale (scale2) for all "
@@ -258,6 +275,8 @@ def _same_layout(a: QuantizedWeightTensor, b: QuantizedWeightTensor) -> bool:
         type(a) is type(b)
         and a.fmt == b.fmt
         and (a.scale2 is None) == (b.scale2 is None)
+        and a.extra_names == b.extra_names
+        and all(x.shape == y.shape for x, y in zip(a.extra.values(), b.extra.values()))
         and a.shape == b.shape
         and a.block_size == b.block_size
         and a.scale.shape == b.scale.shape
@@ -279,6 +298,8 @@ def _copy_(func, types, args, kwargs):
         dst.scale.copy_(src.scale)
         if dst.scale2 is not None:
             dst.scale2.copy_(src.scale2)
+        for key, value in dst.extra.items():
+            value.copy_(src.extra[key])
         dst.act, dst.kernel = src.act, src.kernel
         return dst
     if isinstance(src, QuantizedWeightTensor):  # plain destination: write the dequantized values
@@ -295,7 +316,8 @@ def _moved(t: QuantizedWeightTensor, device, dtype, non_blocking: bool) -> Quant
     qdata = t.qdata.to(device, non_blocking=non_blocking)
     scale = t.scale.to(device, non_blocking=non_blocking)
     scale2 = None if t.scale2 is None else t.scale2.to(device, non_blocking=non_blocking)
-    return _rebuild(t, qdata, scale, t.block_size, dtype, scale2)
+    extra = {key: value.to(device, non_blocking=non_blocking) for key, value in t.extra.items()}
+    return _rebuild(t, qdata, scale, t.block_size, dtype, scale2, extra)
 
 
 @implements([aten._to_copy.default])
@@ -322,4 +344,5 @@ def _pin_memory(func, types, args, kwargs):
 @implements([aten.is_pinned.default])
 def _is_pinned(func, types, args, kwargs):
     t = args[0]
-    return t.qdata.is_pinned() and t.scale.is_pinned() and (t.scale2 is None or t.scale2.is_pinned())
+    inner = [t.qdata, t.scale, *t.extra.values()] + ([] if t.scale2 is None else [t.scale2])
+    return all(x.is_pinned() for x in inner)

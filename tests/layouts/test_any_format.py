@@ -347,7 +347,7 @@ def test_registered_format_through_the_tensor_class(name, tmp_path):
     w = _gaussian(48, 256, seed=11)
     qw = fmt.quantize(w)
     x = _gaussian(2, 3, 256, seed=12, dtype=torch.bfloat16)
-    kinds = ["weight_only"] + (["dynamic"] if not isinstance(fmt.dynamic_activation((1, 256), (48, 256)), str) else [])
+    kinds = ["weight_only"] + (["dynamic"] if fmt.kernel_dtype is not None else [])
     for kind in kinds:
         act = activation_mode_for(kind, fmt, qw.block_size, (48, 256))
         t = weight_tensor(fmt, qw, torch.bfloat16, act=act)
@@ -378,7 +378,36 @@ def test_registered_format_compiles_with_the_tensor_as_input(name):
     t = weight_tensor(fmt, qw, torch.bfloat16)
     x = _gaussian(2, 3, 256, seed=12, dtype=torch.bfloat16)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda x, w: (F.linear(x, w), w[16:]), backend="aot_eager", fullgraph=True)
-    y, rows = compiled(x, t)
-    assert torch.equal(y, F.linear(x, t)) and rows.fmt == fmt
-    assert torch.equal(rows.dequantize(), t.dequantize()[16:])
+    compiled = torch.compile(lambda x, w: (F.linear(x, w), w.to(torch.float16)), backend="aot_eager", fullgraph=True)
+    y, half = compiled(x, t)
+    assert torch.equal(y, F.linear(x, t)) and type(half) is type(t) and half.fmt == fmt
+    assert half.extra_names == t.extra_names and torch.equal(half.dequantize(), t.dequantize(torch.float16))
+
+
+@pytest.mark.parametrize("name", [n for n in OTHER_FORMATS if get_format(n).quantize(_gaussian(48, 256, seed=0)).extra])
+def test_extra_stored_tensors_travel_as_inner_tensors(name):
+    """``QuantizedWeight.extra`` (w4a8's per-row ``s_channel``): flattened as ``extra__<name>``, kept by unflatten,
+    device / dtype moves and clone, returned by ``quantized_weight()``; row selections refuse the weight."""
+    fmt = get_format(name)
+    qw = fmt.quantize(_gaussian(48, 256, seed=11))
+    t = weight_tensor(fmt, qw, torch.bfloat16)
+    names, attrs = t.__tensor_flatten__()
+    assert names[:2] == ["qdata", "scale"] and {f"extra__{k}" for k in qw.extra} <= set(names)
+    rebuilt = type(t).__tensor_unflatten__({n: getattr(t, n) for n in names}, attrs, t.shape, t.stride())
+    for other in (rebuilt, t.clone(), t.to(torch.float32)):
+        assert other.extra.keys() == qw.extra.keys()
+        assert all(torch.equal(other.extra[k], v) for k, v in qw.extra.items())
+    assert torch.equal(rebuilt.dequantize(), t.dequantize())
+    assert all(t.quantized_weight().extra[k] is t.extra[k] for k in qw.extra)
+    with pytest.raises(NotImplementedError, match="extra stored tensors"):
+        t[16:]
+
+
+@pytest.mark.parametrize("name", [n for n in OTHER_FORMATS if get_format(n).kernel_dtype is None])
+def test_formats_without_kernel_dtype_refuse_dynamic_activations(name):
+    """The dtype of dynamic activations is ``fmt.kernel_dtype``; a format without one is weight-only here, whether
+    its ``dynamic_activation`` refuses (MXFP8, NVFP4) or names a pairing lrq_ao cannot yet quantize to (W4A8)."""
+    fmt = get_format(name)
+    qw = fmt.quantize(_gaussian(48, 256, seed=11))
+    with pytest.raises(ValueError, match=f"format {name}"):
+        activation_mode_for("dynamic", fmt, qw.block_size, (48, 256))
