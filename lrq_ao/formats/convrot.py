@@ -56,11 +56,23 @@ GROUPS = (16, 64, 256, 1024)  # powers of 4 lrq_ao writes and reads (kitchen als
 _H4 = ((1, 1, 1, -1), (1, 1, -1, 1), (1, -1, 1, 1), (-1, 1, 1, 1))
 
 
-@functools.lru_cache(maxsize=32)
 def hadamard(group: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
     """The normalised regular Hadamard ``H`` of size ``group`` (a power of 4): the Kronecker power of the 4 x 4
     regular Hadamard divided by ``sqrt(group)``. Symmetric and orthogonal; bit-identical to comfy-kitchen's
-    ``_build_hadamard`` in every float dtype. Cached per (group, dtype, device); do not modify the result."""
+    ``_build_hadamard`` in every float dtype. Cached per (group, dtype, device) in eager code (do not modify the
+    result); under ``torch.compile`` built from constants instead, because a cached real tensor cannot enter a
+    fake-tensor trace."""
+    if torch.compiler.is_compiling():
+        return _build_hadamard(group, dtype, torch.device(device))
+    return _cached_hadamard(group, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_hadamard(group: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _build_hadamard(group, dtype, device)
+
+
+def _build_hadamard(group: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     power = round(math.log(group, 4)) if group >= 4 else 0
     if group < 4 or 4**power != group:
         raise FormatError(f"a regular Hadamard needs a power of 4 (4, 16, 64, 256, 1024, ...), got {group}")

@@ -362,16 +362,9 @@ def test_registered_format_through_the_tensor_class(name, tmp_path):
         assert torch.equal(loaded.dequantize(), t.dequantize())
 
 
-# formats.convrot.hadamard is functools.lru_cache'd: under torch.compile it hands a tensor made outside the trace to
-# fake-tensor tracing ("Please convert all Tensors to FakeTensors first" / "Mixing fake modes", aten.mm of the
-# rotation). With the uncached function (hadamard.__wrapped__) both ConvRot formats compile and match eager; the fix
-# belongs in lrq_ao/formats/convrot.py.
-CONVROT_CACHE = pytest.mark.xfail(strict=True, reason="formats.convrot.hadamard's lru_cache leaks a tensor")
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=CONVROT_CACHE) if get_format(n).rotates else n for n in OTHER_FORMATS]
-)
+# The rotating formats are here too: formats.convrot.hadamard builds the rotation from constants while compiling
+# (a cached real tensor would enter the fake-tensor trace).
+@pytest.mark.parametrize("name", OTHER_FORMATS)
 def test_registered_format_compiles_with_the_tensor_as_input(name):
     fmt = get_format(name)
     qw = fmt.quantize(_gaussian(48, 256, seed=11))
