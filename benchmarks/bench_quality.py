@@ -39,7 +39,7 @@ from lrq_ao.quality.metrics import evaluate
 from lrq_ao.quality.minilm import load_minilm
 from lrq_ao.quality.texts import calibration_batches, evaluation_batches
 from lrq_ao.rounding import calibrate
-from lrq_ao.rounding.sequential import quantize_sequential
+from lrq_ao.workflows.sequential import quantize_sequential
 
 FORMATS = ("fp8", "fp8_row", "int8", "int8_block")
 METHODS = ("rtn", "ref", "ref_aware", "act_svd", "gptq", "ours", "ours_seq")
