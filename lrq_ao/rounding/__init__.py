@@ -99,17 +99,6 @@ def _build_objective(objective: str, w: torch.Tensor, stats: LinearStats | None,
     return act_svd_objective(h, cfg.top_p, cfg.min_k, cfg.max_k)
 
 
-def gptq_target(w: torch.Tensor, h: torch.Tensor, obj: Objective, damp: float) -> torch.Tensor:
-    """The weight GPTQ should approach: ``W`` itself, or with a drift-aware objective the unconstrained optimum
-    ``W + B·(H + λI)⁻¹`` (``B`` its linear part), since ``quad − 2⟨E, B⟩`` is ``‖(E − B H⁻¹) H^{1/2}‖²`` + const."""
-    if obj.linear is None:
-        return w
-    ridge = damp * h.diagonal().mean().clamp_min(1e-12)
-    chol = torch.linalg.cholesky(h.double() + ridge * torch.eye(h.shape[0], device=h.device, dtype=torch.float64))
-    shift = torch.cholesky_solve(obj.linear.double().T, chol).T
-    return (w.double() + shift).float()
-
-
 def shrinkage_for(config: LearnedRoundingConfig, stats: LinearStats) -> float:
     """``config.shrinkage``, or when negative the data-size rule ``K / (K + count)``: the fewer calibration rows per
     input feature, the less the off-diagonal of ``H`` is trusted."""
