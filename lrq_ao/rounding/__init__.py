@@ -28,14 +28,7 @@ from lrq_ao.rounding.gptq import gptq_indices
 from lrq_ao.rounding.greedy import greedy_refine, parallel_refine
 from lrq_ao.rounding.grid import Grid, full_scale
 from lrq_ao.rounding.loop import LoopSettings, default_lr, optimize_rounding
-from lrq_ao.rounding.objectives import (
-    Objective,
-    act_svd_objective,
-    output_objective,
-    svd_objective,
-    svd_rank,
-    truncated_svd,
-)
+from lrq_ao.rounding.objectives import OBJECTIVE_KINDS, Objective, svd_rank, truncated_svd
 
 __all__ = [
     "Calibration",
@@ -69,34 +62,27 @@ def resolve_method(config: LearnedRoundingConfig, has_stats: bool) -> tuple[str,
         # Without calibration data nothing we measured beats round-to-nearest end to end (the reference's svd
         # objective loses; see DEVELOPMENT.md "Learned rounding"), so auto means RTN there.
         objective = "output" if has_stats else "rtn"
-    init = config.init
-    if init == "auto":
-        init = "gptq" if objective in ("output", "act_svd") else "rtn"
-    relaxation = config.relaxation
-    if relaxation == "auto":
-        # Measured (DEVELOPMENT.md "Learned rounding"): column-exact greedy is best after GPTQ on the output
-        # objective; on the row-coupled svd objective the parallel backtracking step wins by far.
-        relaxation = "parallel" if objective == "svd" else "greedy"
+    kind = OBJECTIVE_KINDS[objective]
+    init = kind.default_init if config.init == "auto" else config.init
+    relaxation = kind.default_relaxation if config.relaxation == "auto" else config.relaxation
     return objective, init, relaxation
 
 
 def _build_objective(objective: str, w: torch.Tensor, stats: LinearStats | None, cfg, name: str) -> Objective:
-    if objective == "svd":
-        return svd_objective(w, cfg.top_p, cfg.min_k, cfg.max_k)
-    if stats is None:
-        raise ValueError(
-            f"objective {objective!r} for layer {name!r} needs calibration statistics, but none were given for it: "
-            f"run lrq_ao.calibrate(model) over real inputs and pass calibration=..., or use objective='svd'"
-        )
-    h = shrunk_h(stats.h.to(device=w.device, dtype=torch.float32), shrinkage_for(cfg, stats))
-    if h.shape != (w.shape[1], w.shape[1]):
-        raise ValueError(f"calibration statistics for {name!r} are {tuple(h.shape)}, expected K×K with K={w.shape[1]}")
-    if objective == "output":
-        if stats.cross is None or not cfg.compensate_drift:
-            return output_objective(h, cfg.objective_damp)
-        cross, drift_h = (stats.cross.to(device=w.device), stats.drift_h.to(device=w.device))
-        return output_objective(h, cfg.objective_damp, w=w, cross=cross, drift_h=drift_h)
-    return act_svd_objective(h, cfg.top_p, cfg.min_k, cfg.max_k)
+    kind = OBJECTIVE_KINDS[objective]
+    h = None
+    if kind.needs_calibration:
+        if stats is None:
+            raise ValueError(
+                f"objective {objective!r} for layer {name!r} needs calibration statistics, but none were given for "
+                f"it: run lrq_ao.calibrate(model) over real inputs and pass calibration=..., or use objective='svd'"
+            )
+        h = shrunk_h(stats.h.to(device=w.device, dtype=torch.float32), shrinkage_for(cfg, stats))
+        if h.shape != (w.shape[1], w.shape[1]):
+            raise ValueError(
+                f"calibration statistics for {name!r} are {tuple(h.shape)}, expected K×K with K={w.shape[1]}"
+            )
+    return kind.build(w, h, stats, cfg)
 
 
 def shrinkage_for(config: LearnedRoundingConfig, stats: LinearStats) -> float:
@@ -136,7 +122,9 @@ def quantize_weight(
     w_cpu_dev = weight.device
     dev = torch.device(config.device) if config.device is not None else weight.device
     w = weight.detach().to(device=dev, dtype=torch.float32)
-    skip = objective == "rtn" or not bool(w.any())  # an all-zero weight quantizes to zeros exactly
+    skip = OBJECTIVE_KINDS[objective].build is None or not bool(
+        w.any()
+    )  # an all-zero weight quantizes to zeros exactly
     if skip:
         w_dq = dequantize(qdata.to(dev), scale.to(dev), block_size)
         report.update(weight_sqnr_db=sqnr(w, w_dq), objective_rtn=None, objective_final=None, kept_rtn=True)
@@ -215,7 +203,7 @@ def _learned_rounding(w, qdata, scale, block_size, config, objective, init, rela
         steps=steps,
         rank=obj.rank,
     )
-    if objective in ("output", "act_svd") and stats is not None:
+    if OBJECTIVE_KINDS[objective].needs_calibration:
         report["output_sqnr_db"] = _output_sqnr(w, w_dq, stats.h.to(dev))
     report.update(_heldout_report(w, grid.values[idx_rtn] * s_full, w_dq, stats))
     bias_delta = _bias_delta(config, stats, w, w_dq - w, dev, out_device)
