@@ -1,11 +1,12 @@
 """Choosing the rounding of a weight with fixed scales: round-to-nearest, or learned rounding under an objective.
 
-``quantize_weight`` is the single entry point the API (``quantize_``) and the converter call. The scales are
-always the round-to-nearest scales of ``primitives.compute_scale``; only the per-element choice of grid value
-changes. Pipeline (all on ``config.device`` or the weight's device):
+``quantize_weights`` is the entry point the API (``quantize_``) and the converter call: it rounds each weight as
+below and decides by itself which same-shape weights to round together in one batch (``quantize_weight`` is the
+same for one weight). The scales are always the round-to-nearest scales of ``primitives.compute_scale``; only the
+per-element choice of grid value changes. Pipeline (all on ``config.device`` or the weight's device):
 
 1. round-to-nearest (exactly ``primitives.quantize_rtn``);
-2. the objective (``svd``, ``output``, ``act_svd``; see ``objectives.py``);
+2. the objective (``svd``, ``output``, ``act_svd``; the table ``objectives.OBJECTIVE_KINDS``);
 3. the start (RTN, or GPTQ error feedback for calibration-aware objectives; the better of the two is kept);
 4. the relaxation (``greedy`` coordinate descent, or the gradient loop with ``ste`` / ``sigmoid`` /
    ``continuous``);
@@ -109,11 +110,19 @@ def shrunk_h(h: torch.Tensor, alpha: float) -> torch.Tensor:
 def quantize_weight(
     weight: torch.Tensor, config: LearnedRoundingConfig, *, name: str = "weight", stats: LinearStats | None = None
 ) -> RoundedWeight:
-    """Quantize one 2-D weight as ``config`` says. ``stats`` are the layer's calibration statistics, if any.
+    """Quantize one 2-D weight as ``config`` says: ``quantize_weights`` for a single weight. ``stats`` are the
+    layer's calibration statistics, if any.
 
     Returns a ``RoundedWeight`` on the weight's device. Raises ``ValueError`` naming ``name`` for NaN/Inf, a
     non-2-D weight, a shape the block layout cannot tile, or a calibration-aware objective without statistics.
     """
+    return quantize_weights([weight], config, names=[name], stats=[stats])[0]
+
+
+def _round_one(
+    weight: torch.Tensor, config: LearnedRoundingConfig, name: str, stats: LinearStats | None
+) -> RoundedWeight:
+    """The rounding of one weight on its own (the module docstring's pipeline)."""
     t0 = time.perf_counter()
     spec = config.spec
     qdata, scale, block_size = quantize_rtn(weight, spec, name)
@@ -122,10 +131,8 @@ def quantize_weight(
     w_cpu_dev = weight.device
     dev = torch.device(config.device) if config.device is not None else weight.device
     w = weight.detach().to(device=dev, dtype=torch.float32)
-    skip = OBJECTIVE_KINDS[objective].build is None or not bool(
-        w.any()
-    )  # an all-zero weight quantizes to zeros exactly
-    if skip:
+    # An all-zero weight quantizes to zeros exactly.
+    if OBJECTIVE_KINDS[objective].build is None or not bool(w.any()):
         w_dq = dequantize(qdata.to(dev), scale.to(dev), block_size)
         report.update(weight_sqnr_db=sqnr(w, w_dq), objective_rtn=None, objective_final=None, kept_rtn=True)
         report.update(_heldout_report(w, w_dq, w_dq, stats))
@@ -217,10 +224,10 @@ BATCH_BYTES_PER_ELEMENT = 64  # what one weight element costs in a batched paral
 
 
 def rounds_same_shapes_together(config: LearnedRoundingConfig, has_stats: bool) -> bool:
-    """Whether ``quantize_weights`` batches same-shape weights under ``config``: only the svd objective with the
-    parallel relaxation, without calibration statistics (each layer would have its own) and without bias
-    correction (it needs them). The one statement of the rule for ``quantize_``, the converter and
-    ``quantize_weights``."""
+    """Whether ``quantize_weights`` rounds same-shape weights together under ``config``: only the svd objective
+    with the parallel relaxation, for weights without calibration statistics (each layer would have its own) and
+    without bias correction (it needs them). ``quantize_weights`` applies this itself; the converter asks it only
+    to decide whether holding a window of weights in memory is worth it."""
     objective, _, relaxation = resolve_method(config, has_stats=has_stats)
     return not has_stats and objective == "svd" and relaxation == "parallel" and not config.bias_correction
 
@@ -230,38 +237,45 @@ def quantize_weights(
     config: LearnedRoundingConfig,
     *,
     names: Sequence[str] | None = None,
+    stats: Sequence[LinearStats | None] | None = None,
     max_batch: int | None = None,
 ) -> list[RoundedWeight]:
-    """Quantize several weights without calibration data; returns one ``RoundedWeight`` per weight, in order.
+    """Quantize several weights as ``config`` says; returns one ``RoundedWeight`` per weight, in order.
 
-    Same-shape weights under the ``svd`` objective with the ``parallel`` relaxation are rounded together, as many
-    per batch as fit in half the free GPU memory (or ``max_batch``): one batched truncated SVD and one batched
+    ``names`` name the weights in reports and errors (default ``weight0``, ``weight1``...); ``stats`` are their
+    calibration statistics (default: none for any). Where ``rounds_same_shapes_together`` holds (the ``svd``
+    objective with the ``parallel`` relaxation), same-shape weights without statistics are rounded together, as
+    many per batch as fit in half the free GPU memory (or ``max_batch``): one batched truncated SVD and one batched
     refinement, each layer with its own step scale, accept test and fallback to round-to-nearest. Every other
-    method (and a weight alone of its shape, or all zero) goes through ``quantize_weight`` one at a time: GPTQ and
-    the greedy sweep depend on each layer's own calibration ``H``. Results match ``quantize_weight`` in kind, not
-    bit for bit (the random probes of the SVD differ). Raises as ``quantize_weight`` does.
+    weight (every other method, a weight alone of its shape, an all-zero one) is rounded on its own: GPTQ and the
+    greedy sweep depend on each layer's own calibration ``H``. Batched results match the one-at-a-time rounding in
+    kind, not bit for bit (the random probes of the SVD differ). Raises ``ValueError`` naming the weight for
+    NaN/Inf, a non-2-D weight, a shape the block layout cannot tile, or a calibration-aware objective without
+    statistics, and for ``names`` / ``stats`` of another length than ``weights``.
     """
-    names = [f"weight{i}" for i in range(len(weights))] if names is None else list(names)
-    if len(names) != len(weights):
-        raise ValueError(f"quantize_weights got {len(weights)} weights but {len(names)} names")
-    if not rounds_same_shapes_together(config, has_stats=False):  # (bias correction raises there, as it should)
-        return [quantize_weight(w, config, name=n) for w, n in zip(weights, names)]
+    n = len(weights)
+    names = [f"weight{i}" for i in range(n)] if names is None else list(names)
+    stats = [None] * n if stats is None else list(stats)
+    if len(names) != n or len(stats) != n:
+        raise ValueError(f"quantize_weights got {n} weights but {len(names)} names and {len(stats)} stats")
+    together = rounds_same_shapes_together(config, has_stats=False)
+    results: list[RoundedWeight | None] = [None] * n
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(weights):
-        groups.setdefault((tuple(w.shape), str(w.device)), []).append(i)
-    results: list[RoundedWeight | None] = [None] * len(weights)
+        if together and stats[i] is None and w.dim() == 2 and bool(w.detach().any()):
+            groups.setdefault((tuple(w.shape), str(w.device)), []).append(i)
+        else:  # (bias correction without statistics raises here, as it should)
+            results[i] = _round_one(w, config, names[i], stats[i])
     for (shape, _), members in groups.items():
-        batch = max_batch or _batch_that_fits(shape, _device_of(config, weights[members[0]]))
-        for c0 in range(0, len(members), max(batch, 1)):
-            chunk = members[c0 : c0 + max(batch, 1)]
-            batchable = [i for i in chunk if weights[i].dim() == 2 and bool(weights[i].detach().any())]
-            for i in chunk:
-                if i not in batchable or len(batchable) == 1:
-                    results[i] = quantize_weight(weights[i], config, name=names[i])
-            if len(batchable) > 1:
-                rounded = _svd_parallel_batch([weights[i] for i in batchable], [names[i] for i in batchable], config)
-                for i, r in zip(batchable, rounded):
-                    results[i] = r
+        batch = max(max_batch or _batch_that_fits(shape, _device_of(config, weights[members[0]])), 1)
+        for c0 in range(0, len(members), batch):
+            chunk = members[c0 : c0 + batch]
+            if len(chunk) == 1:
+                results[chunk[0]] = _round_one(weights[chunk[0]], config, names[chunk[0]], None)
+                continue
+            rounded = _svd_parallel_batch([weights[i] for i in chunk], [names[i] for i in chunk], config)
+            for i, r in zip(chunk, rounded):
+                results[i] = r
     return results
 
 
@@ -282,7 +296,7 @@ def _batch_that_fits(shape: tuple[int, ...], device: torch.device) -> int:
 
 
 def _svd_parallel_batch(weights: list[torch.Tensor], names: list[str], config: LearnedRoundingConfig):
-    """``quantize_weight`` with objective ``svd`` and relaxation ``parallel`` for B same-shape weights at once."""
+    """``_round_one`` with objective ``svd`` and relaxation ``parallel`` for B same-shape weights at once."""
     t0 = time.perf_counter()
     spec = config.spec
     rtn = [quantize_rtn(w, spec, name) for w, name in zip(weights, names)]
