@@ -39,7 +39,8 @@ from lrq_ao.quality.metrics import evaluate
 from lrq_ao.quality.minilm import load_minilm
 from lrq_ao.quality.texts import calibration_batches, evaluation_batches
 from lrq_ao.rounding import calibrate
-from lrq_ao.rounding.sequential import quantize_sequential
+from lrq_ao.rounding.objectives import needs_calibration
+from lrq_ao.workflows.sequential import quantize_sequential
 
 FORMATS = ("fp8", "fp8_row", "int8", "int8_block")
 METHODS = ("rtn", "ref", "ref_aware", "act_svd", "gptq", "ours", "ours_seq")
@@ -117,7 +118,7 @@ def quantize_model(
             drift_trust=drift_trust,
         ).layers
     calib = None
-    if cfg.objective in ("output", "act_svd"):
+    if needs_calibration(cfg.objective):
         with torch.no_grad(), calibrate(model, filter_fn=only_encoder, holdout_every=holdout_every) as calib:
             for batch in calib_batches:
                 calib.token_mask = token_mask(batch)

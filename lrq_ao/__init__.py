@@ -29,7 +29,7 @@ __all__ = [
 
 _LAZY = {
     "quantize_": "lrq_ao.api",
-    "quantize_sequential": "lrq_ao.rounding.sequential",
+    "quantize_sequential": "lrq_ao.workflows.sequential",
     "calibrate": "lrq_ao.rounding.calibration",
     "load_comfy": "lrq_ao.convert.reader",
     "load_comfy_into": "lrq_ao.convert.reader",

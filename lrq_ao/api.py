@@ -1,8 +1,8 @@
 """``quantize_(model, config)``: replace every eligible ``nn.Linear`` weight by a quantized tensor.
 
-Each weight goes through ``lrq_ao.rounding.quantize_weight`` (round-to-nearest or learned rounding, with the
-layer's calibration statistics when ``config.calibration`` holds them; without them, the svd objective with the
-parallel relaxation rounds same-shape weights together through ``quantize_weights``), is wrapped by
+Each group of same-shape weights goes through ``lrq_ao.rounding.quantize_weights`` (round-to-nearest or learned
+rounding, with each layer's calibration statistics when ``config.calibration`` holds them; the rounding decides
+which weights it rounds together), each result is wrapped by
 ``make_weight_tensor`` with the activation mode and kernel choice of the config, and replaces ``module.weight`` as a
 frozen parameter. A bias correction returned by the rounding (``bias ← bias − bias_delta``) is applied, creating
 a zero bias if the layer had none. Layers that cannot take the format (a block that does not tile the weight, a
@@ -138,16 +138,15 @@ def quantize_(model: nn.Module, config: LearnedRoundingConfig, filter_fn: Filter
     """Quantize, in place, every ``nn.Linear`` of ``model`` that ``filter_fn(module, name)`` accepts (default:
     all) and whose weight the format can hold. Returns a ``QuantizationReport``.
 
-    Without calibration data, the svd objective with the parallel relaxation rounds same-shape weights together
-    (``lrq_ao.rounding.quantize_weights``); every other method goes one layer at a time.
+    The weights go to ``lrq_ao.rounding.quantize_weights`` one (shape, device, dtype) group at a time, which rounds
+    same-shape weights together where its method allows (the svd objective with the parallel relaxation, without
+    calibration data).
 
     Raises ``ValueError`` naming the weight if one holds NaN/Inf, and ``TypeError`` if ``config`` is not a
     ``LearnedRoundingConfig``.
     """
     if not isinstance(config, LearnedRoundingConfig):
         raise TypeError(f"quantize_ needs a LearnedRoundingConfig, got {type(config).__name__}")
-    from lrq_ao.rounding import rounds_same_shapes_together, stats_for
-
     report = QuantizationReport()
     todo: list[tuple[str, nn.Linear]] = []  # the layers to quantize, in model order
     ties: list[tuple[nn.Linear, nn.Linear]] = []  # (module, the earlier module whose weight it shares)
@@ -169,19 +168,16 @@ def quantize_(model: nn.Module, config: LearnedRoundingConfig, filter_fn: Filter
             continue
         first_of[id(module.weight)] = (name, module)
         todo.append((name, module))
-    if rounds_same_shapes_together(config, has_stats=config.calibration is not None):
-        report.layers = _quantize_same_shapes_together(todo, config)
-    else:
-        report.layers = [quantize_module(m, config, n, stats_for(config.calibration, n, m)) for n, m in todo]
+    report.layers = _quantize_by_shape(todo, config)
     for module, owner in ties:
         module.weight = owner.weight
     return report
 
 
-def _quantize_same_shapes_together(todo: list[tuple[str, nn.Linear]], config: LearnedRoundingConfig) -> list[dict]:
+def _quantize_by_shape(todo: list[tuple[str, nn.Linear]], config: LearnedRoundingConfig) -> list[dict]:
     """Round each (shape, device, dtype) group of weights with one ``quantize_weights`` call and install the results
     group by group (so only one group's new tensors exist beside the old weights); rows come back in model order."""
-    from lrq_ao.rounding import quantize_weights
+    from lrq_ao.rounding import quantize_weights, stats_for
 
     groups: dict[tuple, list[int]] = {}
     for i, (_, module) in enumerate(todo):
@@ -190,7 +186,9 @@ def _quantize_same_shapes_together(todo: list[tuple[str, nn.Linear]], config: Le
     rows: list[dict | None] = [None] * len(todo)
     for members in groups.values():
         weights = [todo[i][1].weight.detach() for i in members]
-        results = quantize_weights(weights, config, names=[f"{todo[i][0]}.weight" for i in members])
+        names = [f"{todo[i][0]}.weight" for i in members]
+        stats = [stats_for(config.calibration, *todo[i]) for i in members]
+        results = quantize_weights(weights, config, names=names, stats=stats)
         del weights
         for i, result in zip(members, results):
             name, module = todo[i]

@@ -17,6 +17,8 @@ from lrq_ao.primitives import FORMATS, FormatSpec, format_spec
 
 CONFIG_VERSION = 1
 
+# ``auto`` and the names of ``lrq_ao.rounding.objectives.OBJECTIVE_KINDS``, the table every other site asks. Spelled
+# out here because the rounding package imports this module; tests/rounding/test_objectives.py checks they agree.
 OBJECTIVES = ("auto", "rtn", "svd", "output", "act_svd")
 OPTIMIZERS = ("original", "adamw", "radam", "prodigy")
 RELAXATIONS = ("auto", "greedy", "parallel", "ste", "sigmoid", "continuous")

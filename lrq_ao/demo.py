@@ -31,6 +31,7 @@ from lrq_ao.quality.baseline import fake_quantize_rtn
 from lrq_ao.quality.metrics import QualityReport, evaluate, format_table, model_bytes
 from lrq_ao.quality.minilm import MiniLM, encoder_linear_names, load_minilm
 from lrq_ao.quality.texts import Batch, calibrate_on_text, evaluation_batches
+from lrq_ao.rounding.objectives import needs_calibration
 
 MB = 1e6
 
@@ -217,7 +218,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="formats for the calibrated learned-rounding comparison (none: skip it; default: fp8 int8)",
     )
     args = parser.parse_args(argv)
-    if args.objective in ("output", "act_svd") and not args.calibrate:
+    if needs_calibration(args.objective) and not args.calibrate:
         parser.error(f"--objective {args.objective} needs calibration statistics: add --calibrate")
     return args
 

@@ -1,11 +1,12 @@
 """Choosing the rounding of a weight with fixed scales: round-to-nearest, or learned rounding under an objective.
 
-``quantize_weight`` is the single entry point the API (``quantize_``) and the converter call. The scales are
-always the round-to-nearest scales of ``primitives.compute_scale``; only the per-element choice of grid value
-changes. Pipeline (all on ``config.device`` or the weight's device):
+``quantize_weights`` is the entry point the API (``quantize_``) and the converter call: it rounds each weight as
+below and decides by itself which same-shape weights to round together in one batch (``quantize_weight`` is the
+same for one weight). The scales are always the round-to-nearest scales of ``primitives.compute_scale``; only the
+per-element choice of grid value changes. Pipeline (all on ``config.device`` or the weight's device):
 
 1. round-to-nearest (exactly ``primitives.quantize_rtn``);
-2. the objective (``svd``, ``output``, ``act_svd``; see ``objectives.py``);
+2. the objective (``svd``, ``output``, ``act_svd``; the table ``objectives.OBJECTIVE_KINDS``);
 3. the start (RTN, or GPTQ error feedback for calibration-aware objectives; the better of the two is kept);
 4. the relaxation (``greedy`` coordinate descent, or the gradient loop with ``ste`` / ``sigmoid`` /
    ``continuous``);
@@ -28,14 +29,7 @@ from lrq_ao.rounding.gptq import gptq_indices
 from lrq_ao.rounding.greedy import greedy_refine, parallel_refine
 from lrq_ao.rounding.grid import Grid, full_scale
 from lrq_ao.rounding.loop import LoopSettings, default_lr, optimize_rounding
-from lrq_ao.rounding.objectives import (
-    Objective,
-    act_svd_objective,
-    output_objective,
-    svd_objective,
-    svd_rank,
-    truncated_svd,
-)
+from lrq_ao.rounding.objectives import OBJECTIVE_KINDS, Objective, svd_rank, truncated_svd
 
 __all__ = [
     "Calibration",
@@ -69,45 +63,27 @@ def resolve_method(config: LearnedRoundingConfig, has_stats: bool) -> tuple[str,
         # Without calibration data nothing we measured beats round-to-nearest end to end (the reference's svd
         # objective loses; see DEVELOPMENT.md "Learned rounding"), so auto means RTN there.
         objective = "output" if has_stats else "rtn"
-    init = config.init
-    if init == "auto":
-        init = "gptq" if objective in ("output", "act_svd") else "rtn"
-    relaxation = config.relaxation
-    if relaxation == "auto":
-        # Measured (DEVELOPMENT.md "Learned rounding"): column-exact greedy is best after GPTQ on the output
-        # objective; on the row-coupled svd objective the parallel backtracking step wins by far.
-        relaxation = "parallel" if objective == "svd" else "greedy"
+    kind = OBJECTIVE_KINDS[objective]
+    init = kind.default_init if config.init == "auto" else config.init
+    relaxation = kind.default_relaxation if config.relaxation == "auto" else config.relaxation
     return objective, init, relaxation
 
 
 def _build_objective(objective: str, w: torch.Tensor, stats: LinearStats | None, cfg, name: str) -> Objective:
-    if objective == "svd":
-        return svd_objective(w, cfg.top_p, cfg.min_k, cfg.max_k)
-    if stats is None:
-        raise ValueError(
-            f"objective {objective!r} for layer {name!r} needs calibration statistics, but none were given for it: "
-            f"run lrq_ao.calibrate(model) over real inputs and pass calibration=..., or use objective='svd'"
-        )
-    h = shrunk_h(stats.h.to(device=w.device, dtype=torch.float32), shrinkage_for(cfg, stats))
-    if h.shape != (w.shape[1], w.shape[1]):
-        raise ValueError(f"calibration statistics for {name!r} are {tuple(h.shape)}, expected K×K with K={w.shape[1]}")
-    if objective == "output":
-        if stats.cross is None or not cfg.compensate_drift:
-            return output_objective(h, cfg.objective_damp)
-        cross, drift_h = (stats.cross.to(device=w.device), stats.drift_h.to(device=w.device))
-        return output_objective(h, cfg.objective_damp, w=w, cross=cross, drift_h=drift_h)
-    return act_svd_objective(h, cfg.top_p, cfg.min_k, cfg.max_k)
-
-
-def gptq_target(w: torch.Tensor, h: torch.Tensor, obj: Objective, damp: float) -> torch.Tensor:
-    """The weight GPTQ should approach: ``W`` itself, or with a drift-aware objective the unconstrained optimum
-    ``W + B·(H + λI)⁻¹`` (``B`` its linear part), since ``quad − 2⟨E, B⟩`` is ``‖(E − B H⁻¹) H^{1/2}‖²`` + const."""
-    if obj.linear is None:
-        return w
-    ridge = damp * h.diagonal().mean().clamp_min(1e-12)
-    chol = torch.linalg.cholesky(h.double() + ridge * torch.eye(h.shape[0], device=h.device, dtype=torch.float64))
-    shift = torch.cholesky_solve(obj.linear.double().T, chol).T
-    return (w.double() + shift).float()
+    kind = OBJECTIVE_KINDS[objective]
+    h = None
+    if kind.needs_calibration:
+        if stats is None:
+            raise ValueError(
+                f"objective {objective!r} for layer {name!r} needs calibration statistics, but none were given for "
+                f"it: run lrq_ao.calibrate(model) over real inputs and pass calibration=..., or use objective='svd'"
+            )
+        h = shrunk_h(stats.h.to(device=w.device, dtype=torch.float32), shrinkage_for(cfg, stats))
+        if h.shape != (w.shape[1], w.shape[1]):
+            raise ValueError(
+                f"calibration statistics for {name!r} are {tuple(h.shape)}, expected K×K with K={w.shape[1]}"
+            )
+    return kind.build(w, h, stats, cfg)
 
 
 def shrinkage_for(config: LearnedRoundingConfig, stats: LinearStats) -> float:
@@ -134,11 +110,19 @@ def shrunk_h(h: torch.Tensor, alpha: float) -> torch.Tensor:
 def quantize_weight(
     weight: torch.Tensor, config: LearnedRoundingConfig, *, name: str = "weight", stats: LinearStats | None = None
 ) -> RoundedWeight:
-    """Quantize one 2-D weight as ``config`` says. ``stats`` are the layer's calibration statistics, if any.
+    """Quantize one 2-D weight as ``config`` says: ``quantize_weights`` for a single weight. ``stats`` are the
+    layer's calibration statistics, if any.
 
     Returns a ``RoundedWeight`` on the weight's device. Raises ``ValueError`` naming ``name`` for NaN/Inf, a
     non-2-D weight, a shape the block layout cannot tile, or a calibration-aware objective without statistics.
     """
+    return quantize_weights([weight], config, names=[name], stats=[stats])[0]
+
+
+def _round_one(
+    weight: torch.Tensor, config: LearnedRoundingConfig, name: str, stats: LinearStats | None
+) -> RoundedWeight:
+    """The rounding of one weight on its own (the module docstring's pipeline)."""
     t0 = time.perf_counter()
     spec = config.spec
     qdata, scale, block_size = quantize_rtn(weight, spec, name)
@@ -147,8 +131,8 @@ def quantize_weight(
     w_cpu_dev = weight.device
     dev = torch.device(config.device) if config.device is not None else weight.device
     w = weight.detach().to(device=dev, dtype=torch.float32)
-    skip = objective == "rtn" or not bool(w.any())  # an all-zero weight quantizes to zeros exactly
-    if skip:
+    # An all-zero weight quantizes to zeros exactly.
+    if OBJECTIVE_KINDS[objective].build is None or not bool(w.any()):
         w_dq = dequantize(qdata.to(dev), scale.to(dev), block_size)
         report.update(weight_sqnr_db=sqnr(w, w_dq), objective_rtn=None, objective_final=None, kept_rtn=True)
         report.update(_heldout_report(w, w_dq, w_dq, stats))
@@ -226,7 +210,7 @@ def _learned_rounding(w, qdata, scale, block_size, config, objective, init, rela
         steps=steps,
         rank=obj.rank,
     )
-    if objective in ("output", "act_svd") and stats is not None:
+    if OBJECTIVE_KINDS[objective].needs_calibration:
         report["output_sqnr_db"] = _output_sqnr(w, w_dq, stats.h.to(dev))
     report.update(_heldout_report(w, grid.values[idx_rtn] * s_full, w_dq, stats))
     bias_delta = _bias_delta(config, stats, w, w_dq - w, dev, out_device)
@@ -240,10 +224,10 @@ BATCH_BYTES_PER_ELEMENT = 64  # what one weight element costs in a batched paral
 
 
 def rounds_same_shapes_together(config: LearnedRoundingConfig, has_stats: bool) -> bool:
-    """Whether ``quantize_weights`` batches same-shape weights under ``config``: only the svd objective with the
-    parallel relaxation, without calibration statistics (each layer would have its own) and without bias
-    correction (it needs them). The one statement of the rule for ``quantize_``, the converter and
-    ``quantize_weights``."""
+    """Whether ``quantize_weights`` rounds same-shape weights together under ``config``: only the svd objective
+    with the parallel relaxation, for weights without calibration statistics (each layer would have its own) and
+    without bias correction (it needs them). ``quantize_weights`` applies this itself; the converter asks it only
+    to decide whether holding a window of weights in memory is worth it."""
     objective, _, relaxation = resolve_method(config, has_stats=has_stats)
     return not has_stats and objective == "svd" and relaxation == "parallel" and not config.bias_correction
 
@@ -253,38 +237,45 @@ def quantize_weights(
     config: LearnedRoundingConfig,
     *,
     names: Sequence[str] | None = None,
+    stats: Sequence[LinearStats | None] | None = None,
     max_batch: int | None = None,
 ) -> list[RoundedWeight]:
-    """Quantize several weights without calibration data; returns one ``RoundedWeight`` per weight, in order.
+    """Quantize several weights as ``config`` says; returns one ``RoundedWeight`` per weight, in order.
 
-    Same-shape weights under the ``svd`` objective with the ``parallel`` relaxation are rounded together, as many
-    per batch as fit in half the free GPU memory (or ``max_batch``): one batched truncated SVD and one batched
+    ``names`` name the weights in reports and errors (default ``weight0``, ``weight1``...); ``stats`` are their
+    calibration statistics (default: none for any). Where ``rounds_same_shapes_together`` holds (the ``svd``
+    objective with the ``parallel`` relaxation), same-shape weights without statistics are rounded together, as
+    many per batch as fit in half the free GPU memory (or ``max_batch``): one batched truncated SVD and one batched
     refinement, each layer with its own step scale, accept test and fallback to round-to-nearest. Every other
-    method (and a weight alone of its shape, or all zero) goes through ``quantize_weight`` one at a time: GPTQ and
-    the greedy sweep depend on each layer's own calibration ``H``. Results match ``quantize_weight`` in kind, not
-    bit for bit (the random probes of the SVD differ). Raises as ``quantize_weight`` does.
+    weight (every other method, a weight alone of its shape, an all-zero one) is rounded on its own: GPTQ and the
+    greedy sweep depend on each layer's own calibration ``H``. Batched results match the one-at-a-time rounding in
+    kind, not bit for bit (the random probes of the SVD differ). Raises ``ValueError`` naming the weight for
+    NaN/Inf, a non-2-D weight, a shape the block layout cannot tile, or a calibration-aware objective without
+    statistics, and for ``names`` / ``stats`` of another length than ``weights``.
     """
-    names = [f"weight{i}" for i in range(len(weights))] if names is None else list(names)
-    if len(names) != len(weights):
-        raise ValueError(f"quantize_weights got {len(weights)} weights but {len(names)} names")
-    if not rounds_same_shapes_together(config, has_stats=False):  # (bias correction raises there, as it should)
-        return [quantize_weight(w, config, name=n) for w, n in zip(weights, names)]
+    n = len(weights)
+    names = [f"weight{i}" for i in range(n)] if names is None else list(names)
+    stats = [None] * n if stats is None else list(stats)
+    if len(names) != n or len(stats) != n:
+        raise ValueError(f"quantize_weights got {n} weights but {len(names)} names and {len(stats)} stats")
+    together = rounds_same_shapes_together(config, has_stats=False)
+    results: list[RoundedWeight | None] = [None] * n
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(weights):
-        groups.setdefault((tuple(w.shape), str(w.device)), []).append(i)
-    results: list[RoundedWeight | None] = [None] * len(weights)
+        if together and stats[i] is None and w.dim() == 2 and bool(w.detach().any()):
+            groups.setdefault((tuple(w.shape), str(w.device)), []).append(i)
+        else:  # (bias correction without statistics raises here, as it should)
+            results[i] = _round_one(w, config, names[i], stats[i])
     for (shape, _), members in groups.items():
-        batch = max_batch or _batch_that_fits(shape, _device_of(config, weights[members[0]]))
-        for c0 in range(0, len(members), max(batch, 1)):
-            chunk = members[c0 : c0 + max(batch, 1)]
-            batchable = [i for i in chunk if weights[i].dim() == 2 and bool(weights[i].detach().any())]
-            for i in chunk:
-                if i not in batchable or len(batchable) == 1:
-                    results[i] = quantize_weight(weights[i], config, name=names[i])
-            if len(batchable) > 1:
-                rounded = _svd_parallel_batch([weights[i] for i in batchable], [names[i] for i in batchable], config)
-                for i, r in zip(batchable, rounded):
-                    results[i] = r
+        batch = max(max_batch or _batch_that_fits(shape, _device_of(config, weights[members[0]])), 1)
+        for c0 in range(0, len(members), batch):
+            chunk = members[c0 : c0 + batch]
+            if len(chunk) == 1:
+                results[chunk[0]] = _round_one(weights[chunk[0]], config, names[chunk[0]], None)
+                continue
+            rounded = _svd_parallel_batch([weights[i] for i in chunk], [names[i] for i in chunk], config)
+            for i, r in zip(chunk, rounded):
+                results[i] = r
     return results
 
 
@@ -305,7 +296,7 @@ def _batch_that_fits(shape: tuple[int, ...], device: torch.device) -> int:
 
 
 def _svd_parallel_batch(weights: list[torch.Tensor], names: list[str], config: LearnedRoundingConfig):
-    """``quantize_weight`` with objective ``svd`` and relaxation ``parallel`` for B same-shape weights at once."""
+    """``_round_one`` with objective ``svd`` and relaxation ``parallel`` for B same-shape weights at once."""
     t0 = time.perf_counter()
     spec = config.spec
     rtn = [quantize_rtn(w, spec, name) for w, name in zip(weights, names)]

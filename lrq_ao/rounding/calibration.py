@@ -50,7 +50,8 @@ class LinearStats:
     when no held-out call ran.
 
     ``cross_half = E[d xᵀ]`` over the odd-numbered fitting calls only (``count_half`` rows): the difference of the two
-    halves measures how noisy ``cross`` is (``sequential.drift_trust_factor``). Captured, not saved to files.
+    halves measures how noisy ``cross`` is (``lrq_ao.workflows.sequential.drift_trust_factor``). Captured, not saved
+    to files.
     """
 
     h: torch.Tensor

@@ -15,14 +15,21 @@ Objectives:
   ``L = None``, ``M = H``.
 * ``act_svd``: ``output`` restricted to the top-k eigen-directions of ``H`` (``M = V_k Λ_k V_kᵀ``); with full rank
   it *is* ``output``, with small k it protects only the dominant input directions.
+
+``OBJECTIVE_KINDS`` (at the end) is the one table of objectives that every other module asks: whether one needs
+calibration statistics, what ``init`` / ``relaxation`` ``auto`` mean for it, and how to build it for a layer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from lrq_ao.rounding.calibration import LinearStats
 
 
 def svd_rank(n: int, k: int, top_p: float, min_k: int, max_k: int) -> int:
@@ -168,3 +175,63 @@ def act_svd_objective(h: torch.Tensor, top_p: float, min_k: int, max_k: int) -> 
     top = torch.argsort(evals, descending=True)[:k]
     r = (evecs[:, top] * evals[top].clamp_min(0).sqrt()).float()
     return Objective("act_svd", right=r, rank=k)
+
+
+def _build_svd(w: torch.Tensor, h: torch.Tensor | None, stats: LinearStats | None, config: Any) -> Objective:
+    return svd_objective(w, config.top_p, config.min_k, config.max_k)
+
+
+def _build_output(w: torch.Tensor, h: torch.Tensor | None, stats: LinearStats | None, config: Any) -> Objective:
+    if stats.cross is None or not config.compensate_drift:
+        return output_objective(h, config.objective_damp)
+    cross, drift_h = stats.cross.to(device=w.device), stats.drift_h.to(device=w.device)
+    return output_objective(h, config.objective_damp, w=w, cross=cross, drift_h=drift_h)
+
+
+def _build_act_svd(w: torch.Tensor, h: torch.Tensor | None, stats: LinearStats | None, config: Any) -> Objective:
+    return act_svd_objective(h, config.top_p, config.min_k, config.max_k)
+
+
+Builder = Callable[[torch.Tensor, torch.Tensor | None, LinearStats | None, Any], Objective]
+
+
+@dataclass(frozen=True)
+class ObjectiveKind:
+    """One value of ``LearnedRoundingConfig.objective`` (besides ``auto``) and what it implies.
+
+    ``needs_calibration``: built from the layer's calibration ``H``, so it cannot run without statistics.
+    ``default_init`` / ``default_relaxation``: what ``init="auto"`` / ``relaxation="auto"`` resolve to (measured,
+    DEVELOPMENT.md "Learned rounding": GPTQ then column-exact greedy on the calibration-aware objectives; the
+    parallel backtracking step on the row-coupled svd objective). ``build(w, h, stats, config)`` returns the
+    layer's ``Objective`` from the float32 weight, the shrunk and checked ``H`` (None when not
+    ``needs_calibration``), the statistics and the config; None for ``rtn``, which rounds to nearest and learns
+    nothing."""
+
+    name: str
+    needs_calibration: bool
+    default_init: str
+    default_relaxation: str
+    build: Builder | None
+
+
+OBJECTIVE_KINDS: dict[str, ObjectiveKind] = {
+    kind.name: kind
+    for kind in (
+        ObjectiveKind("rtn", needs_calibration=False, default_init="rtn", default_relaxation="none", build=None),
+        ObjectiveKind(
+            "svd", needs_calibration=False, default_init="rtn", default_relaxation="parallel", build=_build_svd
+        ),
+        ObjectiveKind(
+            "output", needs_calibration=True, default_init="gptq", default_relaxation="greedy", build=_build_output
+        ),
+        ObjectiveKind(
+            "act_svd", needs_calibration=True, default_init="gptq", default_relaxation="greedy", build=_build_act_svd
+        ),
+    )
+}
+
+
+def needs_calibration(objective: str) -> bool:
+    """Whether a ``LearnedRoundingConfig.objective`` value cannot run without calibration statistics (``auto``
+    can: it means ``rtn`` then). Raises ``KeyError`` for an unknown name."""
+    return objective != "auto" and OBJECTIVE_KINDS[objective].needs_calibration

@@ -82,7 +82,7 @@ def test_paired_statistics_describe_the_drift_from_the_reference():
 
 def test_paired_half_statistics_cover_every_other_fitting_call():
     # Calls 3 and 6 are held out; the fitting calls 1, 2, 4, 5, 7 are numbered 1..5 and the odd ones (calls 1, 4, 7)
-    # form the half that measures the noise of E[d xᵀ] (sequential.drift_trust_factor).
+    # form the half that measures the noise of E[d xᵀ] (workflows.sequential.drift_trust_factor).
     torch.manual_seed(0)
     reference = Attn()
     model = Attn()

@@ -7,8 +7,17 @@ import pytest
 import torch
 from rounding_testing import real_stats, real_weight
 
+from lrq_ao.config import OBJECTIVES, LearnedRoundingConfig
 from lrq_ao.primitives import compute_scale, expand_scale
-from lrq_ao.rounding.objectives import act_svd_objective, output_objective, svd_objective, svd_rank
+from lrq_ao.rounding import resolve_method
+from lrq_ao.rounding.objectives import (
+    OBJECTIVE_KINDS,
+    act_svd_objective,
+    needs_calibration,
+    output_objective,
+    svd_objective,
+    svd_rank,
+)
 
 
 def _objective(kind: str, w: torch.Tensor):
@@ -92,3 +101,21 @@ def test_svd_objective_projects_onto_the_top_singular_subspace():
     e = torch.randn_like(w) * 1e-3
     ref = torch.linalg.norm(u[:, :4].T @ e.double() @ vh[:4].T)
     assert math.isclose(float(obj.loss(e)), float(ref), rel_tol=1e-3)
+
+
+def test_the_config_offers_exactly_the_objectives_of_the_table():
+    assert ("auto", *OBJECTIVE_KINDS) == OBJECTIVES
+    assert [name for name in OBJECTIVE_KINDS if needs_calibration(name)] == ["output", "act_svd"]
+    assert not needs_calibration("auto")
+
+
+@pytest.mark.parametrize("has_stats", [False, True])
+def test_auto_resolves_through_the_table(has_stats):
+    objective, init, relaxation = resolve_method(LearnedRoundingConfig(), has_stats=has_stats)
+    assert objective == ("output" if has_stats else "rtn")
+    assert (init, relaxation) == (
+        (OBJECTIVE_KINDS[objective].default_init, OBJECTIVE_KINDS[objective].default_relaxation)
+    )
+    assert resolve_method(LearnedRoundingConfig(objective="svd"), has_stats) == ("svd", "rtn", "parallel")
+    explicit = LearnedRoundingConfig(objective="act_svd", init="rtn", relaxation="ste")
+    assert resolve_method(explicit, has_stats) == ("act_svd", "rtn", "ste")

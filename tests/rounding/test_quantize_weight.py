@@ -208,6 +208,18 @@ def test_batched_same_shape_layers_match_one_at_a_time(fmt):
     assert float((batched[0].qdata.float() != single.qdata.float()).float().mean()) < 0.01
 
 
+def test_weights_with_statistics_are_rounded_alone_and_the_rest_together():
+    layers = [f"encoder.layer.{i}.intermediate.dense" for i in range(3)]
+    weights = [real_weight(64, 128, name) for name in layers]
+    stats = [None, None, real_stats(128)]
+    cfg = LearnedRoundingConfig(format="int8", objective="svd", num_iter=20, check_every=10, min_k=12, max_k=12)
+    rounded = quantize_weights(weights, cfg, names=layers, stats=stats)
+    assert [r.report.get("batch") for r in rounded] == [2, 2, None]
+    assert [r.report["name"] for r in rounded] == layers
+    with pytest.raises(ValueError, match="3 weights but 3 names and 2 stats"):
+        quantize_weights(weights, cfg, stats=stats[:2])
+
+
 def test_batched_refinement_equals_per_layer_refinement_on_the_same_factors():
     weights = [real_weight(48, 128, f"encoder.layer.{i}.intermediate.dense") for i in range(3)]
     spec = FORMATS["fp8"]

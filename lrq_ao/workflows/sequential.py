@@ -43,6 +43,7 @@ from torch import nn
 
 from lrq_ao.config import LearnedRoundingConfig
 from lrq_ao.rounding.calibration import Calibration, LinearStats, calibrate
+from lrq_ao.rounding.objectives import needs_calibration
 
 Forward = Callable[[nn.Module, Any], Any]
 TokenMask = Callable[[Any], torch.Tensor | None]
@@ -146,7 +147,7 @@ def quantize_sequential(
     done = {name for stage in stages for name in stage}
     rest = lambda m, n: n not in done and (filter_fn is None or filter_fn(m, n))  # noqa: E731
     # Linears that never ran have no statistics: round them to nearest unless the objective needs no data.
-    objective = "rtn" if config.objective in ("output", "act_svd", "auto") else config.objective
+    objective = "rtn" if needs_calibration(config.objective) else config.objective
     part = quantize_(model, dataclasses.replace(config, calibration=None, objective=objective), filter_fn=rest)
     total.layers.extend(part.layers)
     total.skipped.extend((n, r) for n, r in part.skipped if r != "excluded by filter_fn")

@@ -11,7 +11,7 @@ from torch import nn
 from lrq_ao import LearnedRoundingConfig, calibrate, quantize_, quantize_sequential
 from lrq_ao.primitives import sqnr
 from lrq_ao.rounding.calibration import LinearStats
-from lrq_ao.rounding.sequential import drift_trust_factor, linear_stages
+from lrq_ao.workflows.sequential import drift_trust_factor, linear_stages
 
 
 class Block(nn.Module):
