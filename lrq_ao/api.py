@@ -26,7 +26,7 @@ from torch import nn
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from lrq_ao.config import LearnedRoundingConfig
-from lrq_ao.layouts import KernelChoice, QuantizedWeightTensor, activation_mode_for, make_weight_tensor
+from lrq_ao.layouts import KernelChoice, QuantizedWeightTensor, activation_mode_for, weight_tensor
 from lrq_ao.primitives import sqnr
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -88,11 +88,7 @@ def skip_reason(module: nn.Module, config: LearnedRoundingConfig) -> str | None:
         return "weight is on the meta device; load real weights before quantizing"
     if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"weight dtype {weight.dtype} is not float32/bfloat16/float16"
-    try:
-        config.spec.block_size_for(weight.shape)
-    except ValueError as err:
-        return str(err)
-    return None
+    return config.spec.refusal(weight.shape)
 
 
 def quantize_module(module: nn.Linear, config: LearnedRoundingConfig, name: str, stats: Any = None) -> dict:
@@ -109,10 +105,10 @@ def install_rounded(module: nn.Linear, config: LearnedRoundingConfig, name: str,
     its bias correction, and return the layer's report row."""
     weight = module.weight.detach()
     exact = config.activation_quant == "exact"
-    act = activation_mode_for(config.activation, config.spec.qdtype, result.block_size, weight.shape, exact)
-    qweight = make_weight_tensor(
-        result.qdata, result.scale, result.block_size, weight.dtype, act=act, kernel=KernelChoice(config.kernel)
-    )
+    fmt = config.spec
+    act = activation_mode_for(config.activation, fmt, result.block_size, weight.shape, exact)
+    qw = result.quantized_weight()
+    qweight = weight_tensor(fmt, qw, weight.dtype, act=act, kernel=KernelChoice(config.kernel), name=name or "weight")
     _apply_bias_delta(module, getattr(result, "bias_delta", None), weight)
     module.weight = nn.Parameter(qweight, requires_grad=False)
     layer = dict(result.report)

@@ -94,8 +94,8 @@ def dequantize(
 
 def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB, ``20 log10(‖ref‖ / ‖ref − approx‖)``, computed in float64."""
-    ref = reference.double()
-    err = torch.linalg.vector_norm(ref - approx.double())
+    ref = reference.detach().double()
+    err = torch.linalg.vector_norm(ref - approx.detach().double())
     sig = torch.linalg.vector_norm(ref)
     if err == 0:
         return math.inf

@@ -163,6 +163,12 @@ class WeightFormat:
         codes = self.round_values(wr, scale, scale2, block_size)
         return QuantizedWeight(self.element.pack(codes), scale, block_size, scale2)
 
+    def rounding_refusal(self) -> str | None:
+        """Why learned rounding cannot choose this format's codes (``None`` when it can): it chooses among
+        ``element.values()`` times one fixed :meth:`effective_scale` per group, which a format whose decoded values
+        are not that product cannot offer. Such a format is rounded to nearest, and the report says why."""
+        return None
+
     def from_codes(self, codes: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
         """A weight with ``like``'s scales and the given (unpacked) codes."""
         return QuantizedWeight(self.element.pack(codes), like.scale, like.block_size, like.scale2)

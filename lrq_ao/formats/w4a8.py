@@ -241,6 +241,12 @@ class W4A8Format(ConvRotation):
     codebook: tuple[float, ...] | None = LLOYD_MAX_16
     bits: int = 4
 
+    def rounding_refusal(self) -> str:
+        return (
+            "w4a8 decodes round(level * s_rel) per group, so its candidate values differ from group to group; "
+            "learned rounding needs one grid times one scale (see candidate_values for what it would need)"
+        )
+
     def __post_init__(self) -> None:
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block not in GROUPS:
             raise FormatError(f"w4a8 ConvRot group must be one of {GROUPS}, got {self.block!r}")

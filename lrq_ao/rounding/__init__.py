@@ -2,10 +2,12 @@
 
 ``quantize_weights`` is the entry point the API (``quantize_``) and the converter call: it rounds each weight as
 below and decides by itself which same-shape weights to round together in one batch (``quantize_weight`` is the
-same for one weight). The scales are always the round-to-nearest scales of ``primitives.compute_scale``; only the
-per-element choice of grid value changes. Pipeline (all on ``config.device`` or the weight's device):
+same for one weight). The scales are always the format's round-to-nearest scales (``WeightFormat.compute_scales``);
+only the per-element choice among the element's values changes. A format that rotates its input (ConvRot) is
+rounded in its rotated basis, with the calibration statistics rotated alike (``rotate_stats``). Pipeline (all on
+``config.device`` or the weight's device):
 
-1. round-to-nearest (exactly ``primitives.quantize_rtn``);
+1. round-to-nearest (exactly ``WeightFormat.quantize``);
 2. the objective (``svd``, ``output``, ``act_svd``; the table ``objectives.OBJECTIVE_KINDS``);
 3. the start (RTN, or GPTQ error feedback for calibration-aware objectives; the better of the two is kept);
 4. the relaxation (``greedy`` coordinate descent, or the gradient loop with ``ste`` / ``sigmoid`` /
@@ -15,6 +17,7 @@ per-element choice of grid value changes. Pipeline (all on ``config.device`` or 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lrq_ao.config import LearnedRoundingConfig
-from lrq_ao.primitives import dequantize, quantize_rtn, sqnr
+from lrq_ao.formats import QuantizedWeight, WeightFormat
+from lrq_ao.primitives import sqnr
 from lrq_ao.rounding.calibration import Calibration, LinearStats, calibrate, stats_for
 from lrq_ao.rounding.gptq import gptq_indices
 from lrq_ao.rounding.greedy import greedy_refine, parallel_refine
@@ -45,15 +49,48 @@ __all__ = [
 
 @dataclass
 class RoundedWeight:
-    """A weight quantized with fixed scales: ``qdata`` (int8 or float8_e4m3fn, shape (N, K)), float32 ``scale``
-    grid ``(N // bn, K // bk)``, the ``block_size`` (bn, bk), a per-layer ``report`` dict, and ``bias_delta``
-    ``(W_dq − W)·E[x]`` (N,) when bias correction was asked for (the caller sets ``bias ← bias − bias_delta``)."""
+    """A weight quantized with fixed scales: ``qdata`` (the format's stored codes), float32 ``scale`` grid
+    ``(N // bn, K // bk)``, the ``block_size`` (bn, bk), a per-layer ``report`` dict, ``bias_delta``
+    ``(W_dq − W)·E[x]`` (N,) when bias correction was asked for (the caller sets ``bias ← bias − bias_delta``),
+    and the format's ``scale2`` / ``extra`` tensors and the format itself (``fmt``)."""
 
     qdata: torch.Tensor
     scale: torch.Tensor
     block_size: tuple[int, int]
     report: dict = field(default_factory=dict)
     bias_delta: torch.Tensor | None = None
+    scale2: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+    fmt: WeightFormat | None = None
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The format-level weight (what ``lrq_ao.layouts.weight_tensor`` and the ComfyUI writer take)."""
+        return QuantizedWeight(self.qdata, self.scale, self.block_size, self.scale2, dict(self.extra))
+
+
+def _rounded(qw: QuantizedWeight, fmt: WeightFormat, report: dict, bias_delta=None, qdata=None) -> RoundedWeight:
+    q = qw.qdata if qdata is None else qdata
+    return RoundedWeight(q, qw.scale, qw.block_size, report, bias_delta, qw.scale2, dict(qw.extra), fmt)
+
+
+def rotate_stats(fmt: WeightFormat, stats: LinearStats | None) -> LinearStats | None:
+    """The statistics of the inputs in the basis the format stores codes in (identity unless it rotates): every
+    ``K x K`` moment becomes ``Rᵀ Σ R`` and every mean ``μ R``, so objectives, GPTQ and bias correction apply
+    unchanged to the rotated weight (the rotation is orthogonal: ``x Wᵀ = (x R)(W R)ᵀ``)."""
+    if stats is None or not fmt.rotates:
+        return stats
+    moment = lambda m: None if m is None else fmt.rotate_hessian(m.float())  # noqa: E731
+    mean = lambda v: None if v is None else fmt.rotate_mean(v.float())  # noqa: E731
+    return dataclasses.replace(
+        stats,
+        h=moment(stats.h),
+        mean=mean(stats.mean),
+        cross=moment(stats.cross),
+        drift_h=moment(stats.drift_h),
+        drift_mean=mean(stats.drift_mean),
+        h_holdout=moment(stats.h_holdout),
+        cross_half=moment(stats.cross_half),
+    )
 
 
 def resolve_method(config: LearnedRoundingConfig, has_stats: bool) -> tuple[str, str, str]:
@@ -124,32 +161,49 @@ def _round_one(
 ) -> RoundedWeight:
     """The rounding of one weight on its own (the module docstring's pipeline)."""
     t0 = time.perf_counter()
-    spec = config.spec
-    qdata, scale, block_size = quantize_rtn(weight, spec, name)
+    fmt = config.spec
+    qw = fmt.quantize(weight, name)  # round-to-nearest, in the basis the format stores (rotated where it rotates)
     objective, init, relaxation = resolve_method(config, stats is not None)
     report = {"name": name, "format": config.format, "objective": objective, "shape": tuple(weight.shape)}
     w_cpu_dev = weight.device
     dev = torch.device(config.device) if config.device is not None else weight.device
-    w = weight.detach().to(device=dev, dtype=torch.float32)
+    w = fmt.rotate_weight(weight.detach().to(device=dev, dtype=torch.float32))
+    stats = rotate_stats(fmt, stats)
+    no_grid = fmt.rounding_refusal()
+    if no_grid is not None and OBJECTIVE_KINDS[objective].build is not None:
+        report["note"] = f"round-to-nearest: {no_grid}"
     # An all-zero weight quantizes to zeros exactly.
-    if OBJECTIVE_KINDS[objective].build is None or not bool(w.any()):
-        w_dq = dequantize(qdata.to(dev), scale.to(dev), block_size)
+    if OBJECTIVE_KINDS[objective].build is None or no_grid is not None or not bool(w.any()):
+        w_dq = fmt.dequantize(_on(qw, dev))
         report.update(weight_sqnr_db=sqnr(w, w_dq), objective_rtn=None, objective_final=None, kept_rtn=True)
         report.update(_heldout_report(w, w_dq, w_dq, stats))
         report.update(moved_fraction=0.0, init="rtn", relaxation="none", seconds=time.perf_counter() - t0)
-        return RoundedWeight(qdata, scale, block_size, report, _bias_delta(config, stats, w, w_dq - w, dev, w_cpu_dev))
+        return _rounded(qw, fmt, report, _bias_delta(config, stats, w, w_dq - w, dev, w_cpu_dev))
 
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(config.seed)  # svd_lowrank and the relaxations draw random numbers
-        return _learned_rounding(w, qdata, scale, block_size, config, objective, init, relaxation, stats, report, t0)
+        return _learned_rounding(w, fmt, qw, config, objective, init, relaxation, stats, report, t0)
 
 
-def _learned_rounding(w, qdata, scale, block_size, config, objective, init, relaxation, stats, report, t0):
-    dev, out_device = w.device, qdata.device
-    grid = Grid(config.spec.qdtype, dev)
-    s_full = full_scale(scale.to(dev), block_size)
+def _on(qw: QuantizedWeight, dev: torch.device) -> QuantizedWeight:
+    to = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    return QuantizedWeight(
+        qw.qdata.to(dev), qw.scale.to(dev), qw.block_size, to(qw.scale2), {k: v.to(dev) for k, v in qw.extra.items()}
+    )
+
+
+def _grid_of(fmt: WeightFormat, qw: QuantizedWeight, dev: torch.device):
+    """The format's grid, the effective scale broadcast to the weight and the RTN indices, on ``dev``."""
+    grid = Grid(fmt.element, dev)
+    scale2 = None if qw.scale2 is None else qw.scale2.to(dev)
+    s_full = full_scale(fmt.effective_scale(qw.scale.to(dev), scale2), qw.block_size)
+    return grid, s_full, grid.index_of_codes(fmt.codes(qw).to(dev))
+
+
+def _learned_rounding(w, fmt, qw, config, objective, init, relaxation, stats, report, t0):
+    dev, out_device = w.device, qw.qdata.device
+    grid, s_full, idx_rtn = _grid_of(fmt, qw, dev)
     obj = _build_objective(objective, w, stats, config, report["name"])
-    idx_rtn = grid.rtn_index(w, scale.to(dev), block_size)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
         return obj.loss(grid.values[idx] * s_full - w)
@@ -193,9 +247,9 @@ def _learned_rounding(w, qdata, scale, block_size, config, objective, init, rela
         kept_rtn = config.fallback_to_rtn and not bool(loss_final < loss_rtn)
         if kept_rtn:
             idx, loss_final = idx_rtn, loss_rtn
-            q_out = qdata
+            q_out = qw.qdata
         else:
-            q_out = grid.to_qdata(idx).to(out_device)
+            q_out = fmt.from_codes(grid.to_codes(idx), qw).qdata.to(out_device)
         moved = float((idx != idx_rtn).float().mean())
         w_dq = grid.values[idx] * s_full
     report.update(
@@ -217,7 +271,7 @@ def _learned_rounding(w, qdata, scale, block_size, config, objective, init, rela
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     report["seconds"] = time.perf_counter() - t0
-    return RoundedWeight(q_out, scale, block_size, report, bias_delta)
+    return _rounded(qw, fmt, report, bias_delta, q_out)
 
 
 BATCH_BYTES_PER_ELEMENT = 64  # what one weight element costs in a batched parallel refinement (float32 + index state)
@@ -229,7 +283,8 @@ def rounds_same_shapes_together(config: LearnedRoundingConfig, has_stats: bool) 
     without bias correction (it needs them). ``quantize_weights`` applies this itself; the converter asks it only
     to decide whether holding a window of weights in memory is worth it."""
     objective, _, relaxation = resolve_method(config, has_stats=has_stats)
-    return not has_stats and objective == "svd" and relaxation == "parallel" and not config.bias_correction
+    batchable = objective == "svd" and relaxation == "parallel" and config.spec.rounding_refusal() is None
+    return not has_stats and batchable and not config.bias_correction
 
 
 def quantize_weights(
@@ -298,14 +353,15 @@ def _batch_that_fits(shape: tuple[int, ...], device: torch.device) -> int:
 def _svd_parallel_batch(weights: list[torch.Tensor], names: list[str], config: LearnedRoundingConfig):
     """``_round_one`` with objective ``svd`` and relaxation ``parallel`` for B same-shape weights at once."""
     t0 = time.perf_counter()
-    spec = config.spec
-    rtn = [quantize_rtn(w, spec, name) for w, name in zip(weights, names)]
-    out_device = rtn[0][0].device
+    fmt = config.spec
+    rtn = [fmt.quantize(w, name) for w, name in zip(weights, names)]
+    out_device = rtn[0].qdata.device
     dev = _device_of(config, weights[0])
-    grid = Grid(spec.qdtype, dev)
-    w = torch.stack([x.detach().to(device=dev, dtype=torch.float32) for x in weights])
-    s_full = torch.stack([full_scale(scale.to(dev), block) for _, scale, block in rtn])
-    idx_rtn = torch.stack([grid.rtn_index(w[i], rtn[i][1].to(dev), rtn[i][2]) for i in range(len(rtn))])
+    w = torch.stack([fmt.rotate_weight(x.detach().to(device=dev, dtype=torch.float32)) for x in weights])
+    grids = [_grid_of(fmt, qw, dev) for qw in rtn]
+    grid = grids[0][0]
+    s_full = torch.stack([g[1] for g in grids])
+    idx_rtn = torch.stack([g[2] for g in grids])
     rank = svd_rank(*w.shape[-2:], config.top_p, config.min_k, config.max_k)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(config.seed)
@@ -327,7 +383,7 @@ def _svd_parallel_batch(weights: list[torch.Tensor], names: list[str], config: L
         torch.cuda.synchronize(dev)
     seconds = (time.perf_counter() - t0) / len(weights)
     results = []
-    for i, (qdata, scale, block) in enumerate(rtn):
+    for i, qw in enumerate(rtn):
         kept_i = bool(kept[i])
         report = {"name": names[i], "format": config.format, "objective": "svd", "shape": tuple(weights[i].shape)}
         report.update(
@@ -346,8 +402,8 @@ def _svd_parallel_batch(weights: list[torch.Tensor], names: list[str], config: L
             seconds=seconds,
             batch=len(weights),
         )
-        q_out = qdata if kept_i else grid.to_qdata(idx[i]).to(out_device)
-        results.append(RoundedWeight(q_out, scale, block, report, None))
+        q_out = qw.qdata if kept_i else fmt.from_codes(grid.to_codes(idx[i]), qw).qdata.to(out_device)
+        results.append(_rounded(qw, fmt, report, None, q_out))
     return results
 
 
