@@ -13,9 +13,12 @@ from typing import Any
 
 from torchao.core.config import AOBaseConfig
 
-from lrq_ao.primitives import FORMATS, FormatSpec, format_spec
+from lrq_ao.formats import FORMATS, WeightFormat, get_format
 
 CONFIG_VERSION = 1
+# block_size values a format with blocks accepts. A format without blocks ignores block_size, but accepts these
+# too, so that configs written before (which always carried one, 128 by default) still load.
+BLOCK_SIZES = (32, 64, 128, 256)
 
 # ``auto`` and the names of ``lrq_ao.rounding.objectives.OBJECTIVE_KINDS``, the table every other site asks. Spelled
 # out here because the rounding package imports this module; tests/rounding/test_objectives.py checks they agree.
@@ -39,9 +42,10 @@ class LearnedRoundingConfig(AOBaseConfig):
     """How to quantize every eligible ``nn.Linear`` weight.
 
     Format:
-      format: ``fp8`` (e4m3fn, per-tensor), ``fp8_row``, ``fp8_block``, ``int8`` (per-row), ``int8_tensor``,
-        ``int8_block``.
-      block_size: block edge for the ``*_block`` formats.
+      format: a name in ``lrq_ao.formats.FORMATS``: ``fp8`` (e4m3fn, per-tensor), ``fp8_row``, ``fp8_block``,
+        ``int8`` (per-row), ``int8_tensor``, ``int8_block``, and every format registered since.
+      block_size: block edge for the formats with blocks (``fmt.has_blocks``: the ``*_block`` formats); 32, 64,
+        128 or 256. Ignored by the other formats.
     Inference:
       activation: ``weight_only`` (dequantize into the activation dtype) or ``dynamic`` (quantize activations
         per call: FP8 per-tensor/per-row following the weight, INT8 per-token or per-block).
@@ -112,8 +116,7 @@ class LearnedRoundingConfig(AOBaseConfig):
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"LearnedRoundingConfig.format must be one of {sorted(FORMATS)}, got {self.format!r}")
-        if self.block_size not in (32, 64, 128, 256):
-            raise ValueError(f"LearnedRoundingConfig.block_size must be 32, 64, 128 or 256, got {self.block_size}")
+        self._check_block_size(FORMATS[self.format])
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("activation_quant", self.activation_quant, ACTIVATION_QUANTS)
         _check_choice("kernel", self.kernel, KERNELS)
@@ -141,9 +144,25 @@ class LearnedRoundingConfig(AOBaseConfig):
         if self.version != CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is not supported; this lrq_ao reads {CONFIG_VERSION}")
 
+    def _check_block_size(self, fmt: WeightFormat) -> None:
+        if self.block_size not in BLOCK_SIZES:
+            what = f"for format {fmt.name}" if fmt.has_blocks else f"(format {fmt.name} has no blocks and ignores it)"
+            raise ValueError(
+                f"LearnedRoundingConfig.block_size must be 32, 64, 128 or 256 {what}, got {self.block_size}"
+            )
+        if fmt.has_blocks:
+            get_format(fmt, self.block_size)  # the format's own checks (ValueError)
+
     @property
-    def spec(self) -> FormatSpec:
-        return format_spec(self.format, self.block_size)
+    def weight_format(self) -> WeightFormat:
+        """The format object of ``format``, with ``block_size`` applied where the format has blocks."""
+        fmt = FORMATS[self.format]
+        return get_format(fmt, self.block_size) if fmt.has_blocks else fmt
+
+    @property
+    def spec(self) -> WeightFormat:
+        """Older name of :attr:`weight_format`."""
+        return self.weight_format
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self) if self.calibration is None else {f.name: getattr(self, f.name) for f in fields(self)}

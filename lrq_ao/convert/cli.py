@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 from lrq_ao.config import INITS, OBJECTIVES, OPTIMIZERS, RELAXATIONS, SCHEDULES, LearnedRoundingConfig
-from lrq_ao.convert import comfy_format as cf
 from lrq_ao.convert.plan import (
     FORMAT_ALIASES,
     ConvertOptions,
     build_plan,
     custom_format_warning,
+    custom_formats,
     describe_plan,
     load_layer_config,
     parse_size,
@@ -383,7 +383,7 @@ def run(argv: list[str] | None = None) -> int:
     output = Path(args.output) if args.output else default_output(args.input, options.format)
     if not args.dry_run:
         _say(args.quiet, f"preset: {plan.preset.name} ({plan.preset_reason})")
-    custom = sorted({t.format for t in plan.quantized if not cf.COMFY_FORMATS[t.format].stock})
+    custom = custom_formats(plan)
     if custom:
         print(custom_format_warning(custom), file=sys.stderr)
     if args.dry_run:

@@ -1,254 +1,76 @@
-"""ComfyUI quantized-checkpoint format: format names, stored scale shapes and the JSON markers.
+"""The ComfyUI container as the converter and the reader see it: marker JSON, the file header, one layer's tensors.
 
-This module is the single place that knows how an lrq_ao weight (``qdata``, a 2-D float32 scale grid
-``(N // bn, K // bk)`` and its ``block_size``; see :mod:`lrq_ao.primitives`) is laid out in a ComfyUI
-``.safetensors`` file, and back. The writer (``lrq_ao.convert``) and the reader (:mod:`lrq_ao.convert.reader`)
-both go through it, so the two directions cannot drift apart.
+Per-format rules (ComfyUI name, marker keys, stored tensors, reading them back) belong to the format objects of
+:mod:`lrq_ao.formats`, and the rules every format shares (tensor-name suffixes, marker key order, the reader
+registry) to :mod:`lrq_ao.formats.comfy`. This module adds what a whole file needs around them, so the writer
+(``lrq_ao.convert``) and the reader (:mod:`lrq_ao.convert.reader`) cannot drift apart.
 
 For a quantized linear whose module path is ``L`` a file holds:
 
-* ``L.weight`` -- the quantized data in its native dtype (``F8_E4M3`` or ``I8``);
-* ``L.weight_scale`` -- float32 scale, shaped per format (see :data:`COMFY_FORMATS`);
+* the format's tensors (:meth:`~lrq_ao.formats.base.WeightFormat.comfy_tensors`): ``L.weight`` (the quantized data
+  in its native dtype), ``L.weight_scale`` and, for two-level formats, ``L.weight_scale_2``;
 * ``L.comfy_quant`` -- a 1-D ``uint8`` tensor holding the UTF-8 JSON marker, e.g. ``{"format": "float8_e4m3fn"}``;
 * optionally ``L.input_scale`` -- a float32 scalar static activation scale.
 
 JSON serialization (decided to match, byte for byte, what ComfyUI's own ``state_dict()`` and the reference tool
 ``convert-to-quant`` 1.3.4 write): ``json.dumps`` with its default separators (``", "`` and ``": "``), ASCII output,
-and the key order ``format, orig_dtype, orig_shape, group_size, full_precision_matrix_mult, per_row``; keys
-that do not apply are left out. ``orig_dtype`` is written as ``str(torch_dtype)`` (``"torch.bfloat16"``), as the
-reference tool does. The optional ``_quantization_metadata`` file header is
-``json.dumps({"format_version": "1.0", "layers": {L: marker, ...}})`` whose per-layer entries are exactly the
-per-layer markers, because ComfyUI regenerates the per-layer markers from the header when it is present.
+and the key order of :data:`lrq_ao.formats.comfy.MARKER_KEY_ORDER` (``format, orig_dtype, orig_shape, group_size,
+full_precision_matrix_mult, per_row``, then any key a format adds); keys that do not apply are left out.
+``orig_dtype`` is written as ``str(torch_dtype)`` (``"torch.bfloat16"``), as the reference tool does. The optional
+``_quantization_metadata`` file header is ``json.dumps({"format_version": "1.0", "layers": {L: marker, ...}})``
+whose per-layer entries are exactly the per-layer markers, because ComfyUI regenerates the per-layer markers from
+the header when it is present.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lrq_ao.primitives import FP8_DTYPE, FormatSpec, check_2d
-
-# How a format stores its scale, relative to lrq_ao's 2-D grid ``(N // bn, K // bk)``.
-SCALAR = "scalar"  # shape [] (one scale for the tensor)
-COLUMN = "column"  # shape [out, 1] (one scale per row, broadcastable against [out, in])
-VECTOR = "vector"  # shape [out] (one scale per row, 1-D)
-GRID = "grid"  # shape [out / bs, in / bs], block size in the JSON "group_size"
+from lrq_ao.formats.base import QuantizedWeight, WeightFormat
+from lrq_ao.formats.comfy import (
+    INPUT_SCALE_SUFFIX,
+    MARKER_KEY_ORDER,
+    MARKER_SUFFIX,
+    SCALE2_SUFFIX,
+    SCALE_SUFFIX,
+    WEIGHT_SUFFIX,
+    ComfyFormatError,
+    dtype_name,
+    ordered_marker,
+)
 
 METADATA_KEY = "_quantization_metadata"
 METADATA_VERSION = "1.0"
-MARKER_SUFFIX = ".comfy_quant"
-WEIGHT_SUFFIX = ".weight"
-SCALE_SUFFIX = ".weight_scale"
-INPUT_SCALE_SUFFIX = ".input_scale"
 
-# JSON keys in the order they are written; ``convrot`` keys are only read (lrq_ao does not write ConvRot).
-MARKER_KEY_ORDER = ("format", "orig_dtype", "orig_shape", "group_size", "full_precision_matrix_mult", "per_row")
-KNOWN_MARKER_KEYS = frozenset(MARKER_KEY_ORDER) | {"convrot", "convrot_groupsize", "params"}
-
-
-class ComfyFormatError(ValueError):
-    """A ComfyUI file or tensor that does not follow the format. The message names the file and/or tensor."""
-
-
-@dataclass(frozen=True)
-class ComfyFormat:
-    """One ComfyUI quantization format.
-
-    ``scale_layouts`` maps each lrq_ao granularity the format carries to how its scale is stored (``SCALAR``,
-    ``COLUMN``, ``VECTOR`` or ``GRID``). ``stock`` says whether unmodified ComfyUI loads it (the others need the
-    ComfyUI-QuantOps custom node). ``kitchen_layout`` names the comfy-kitchen layout class stock ComfyUI
-    dequantizes it with (``None`` for custom-node formats).
-    """
-
-    name: str
-    qdtype: torch.dtype
-    scale_layouts: dict[str, str]
-    stock: bool
-    kitchen_layout: str | None = None
-
-    @property
-    def has_group_size(self) -> bool:
-        return GRID in self.scale_layouts.values()
-
-
-def _register(*formats: ComfyFormat) -> dict[str, ComfyFormat]:
-    return {f.name: f for f in formats}
-
-
-# Adding a format = one entry here.
-COMFY_FORMATS: dict[str, ComfyFormat] = _register(
-    ComfyFormat("float8_e4m3fn", FP8_DTYPE, {"tensor": SCALAR}, stock=True, kitchen_layout="TensorCoreFP8Layout"),
-    ComfyFormat(
-        "int8_tensorwise",
-        torch.int8,
-        {"row": COLUMN, "tensor": SCALAR},
-        stock=True,
-        kitchen_layout="TensorWiseINT8Layout",
-    ),
-    ComfyFormat("int8_blockwise", torch.int8, {"block": GRID}, stock=False),
-    ComfyFormat("float8_e4m3fn_rowwise", FP8_DTYPE, {"row": VECTOR}, stock=False),
-    ComfyFormat("float8_e4m3fn_blockwise", FP8_DTYPE, {"block": GRID}, stock=False),
-)
-
-# Formats ComfyUI knows but lrq_ao cannot represent; named so the reader can say so instead of "unknown".
-UNSUPPORTED_COMFY_FORMATS = {
-    "float8_e5m2": "lrq_ao stores FP8 weights as e4m3fn only",
-    "mxfp8": "MXFP8 (E8M0 block-32 scales) is not an lrq_ao layout",
-    "nvfp4": "NVFP4 (4-bit) is not an lrq_ao layout",
-    "convrot_w4a4": "4-bit ConvRot is not an lrq_ao layout",
-}
-
-
-def comfy_format_for(spec: FormatSpec) -> ComfyFormat:
-    """The ComfyUI format that stores weights of ``spec``; raises ``ComfyFormatError`` if none does."""
-    for fmt in COMFY_FORMATS.values():
-        if fmt.qdtype == spec.qdtype and spec.granularity in fmt.scale_layouts:
-            return fmt
-    raise ComfyFormatError(f"no ComfyUI format stores {spec}; supported: {describe_formats()}")
-
-
-def get_comfy_format(name: Any, where: str = "") -> ComfyFormat:
-    """Look up a ComfyUI format by name; raises ``ComfyFormatError`` (prefixed by ``where``) if unknown."""
-    prefix = f"{where}: " if where else ""
-    if isinstance(name, str) and name in COMFY_FORMATS:
-        return COMFY_FORMATS[name]
-    if isinstance(name, str) and name in UNSUPPORTED_COMFY_FORMATS:
-        raise ComfyFormatError(f"{prefix}format {name!r} is not supported: {UNSUPPORTED_COMFY_FORMATS[name]}")
-    raise ComfyFormatError(f"{prefix}unknown quantization format {name!r}; expected one of {sorted(COMFY_FORMATS)}")
-
-
-def is_stock(spec: FormatSpec) -> bool:
-    """Whether stock ComfyUI loads weights of ``spec`` (otherwise the ComfyUI-QuantOps node is needed)."""
-    return comfy_format_for(spec).stock
-
-
-def describe_formats() -> str:
-    return ", ".join(
-        f"{name} ({'stock' if f.stock else 'QuantOps node'}: {'/'.join(f.scale_layouts)})"
-        for name, f in COMFY_FORMATS.items()
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Scales: lrq_ao grid <-> stored weight_scale
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def scale_to_comfy(scale: torch.Tensor, spec: FormatSpec, weight_shape: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """The ``weight_scale`` tensor to store for lrq_ao scale grid ``scale`` of a ``spec`` weight of ``weight_shape``.
-
-    Returns a contiguous float32 tensor shaped as the ComfyUI format expects. Raises ``ComfyFormatError`` if the
-    grid does not have the shape ``spec`` implies.
-    """
-    n, k = check_2d(weight_shape)
-    bn, bk = spec.block_size_for((n, k))
-    expected = (n // bn, k // bk)
-    if tuple(scale.shape) != expected:
-        raise ComfyFormatError(f"scale grid has shape {tuple(scale.shape)}, expected {expected} for {spec}")
-    layout = comfy_format_for(spec).scale_layouts[spec.granularity]
-    stored = {SCALAR: (), COLUMN: (n, 1), VECTOR: (n,), GRID: expected}[layout]
-    return scale.detach().to(torch.float32).reshape(stored).contiguous()
-
-
-def expected_scale_shapes(fmt: ComfyFormat, weight_shape: tuple[int, int], group_size: int | None) -> list[tuple]:
-    """Every stored scale shape ``fmt`` allows for a weight of ``weight_shape`` (for error messages and checks)."""
-    n, k = weight_shape
-    shapes: list[tuple] = []
-    for layout in fmt.scale_layouts.values():
-        if layout == SCALAR:
-            shapes += [(), (1,)]
-        elif layout == COLUMN:
-            shapes.append((n, 1))
-        elif layout == VECTOR:
-            shapes.append((n,))
-        elif group_size:
-            shapes.append((n // group_size, k // group_size))
-        else:
-            shapes.append(("out/group_size", "in/group_size"))
-    return shapes
-
-
-def scale_from_comfy(
-    stored: torch.Tensor,
-    fmt: ComfyFormat,
-    weight_shape: tuple[int, int] | torch.Size,
-    group_size: int | None = None,
-    name: str = "weight_scale",
-) -> tuple[FormatSpec, torch.Tensor, tuple[int, int]]:
-    """Interpret a stored ``weight_scale`` of format ``fmt``: returns ``(spec, scale_grid, block_size)``.
-
-    ``scale_grid`` is a float32 2-D tensor ``(N // bn, K // bk)`` as :mod:`lrq_ao.primitives` uses. Accepted
-    shapes: ``[]`` or ``[1]`` for per-tensor, ``[out, 1]`` (INT8) or ``[out]`` (FP8 row-wise) for per-row, and
-    ``[out / g, in / g]`` for block-wise with ``g`` = ``group_size`` (inferred from the shapes when the marker
-    lacks it). Raises ``ComfyFormatError`` naming ``name`` for a non-float scale or any other shape.
-    """
-    n, k = check_2d(weight_shape)
-    if not stored.dtype.is_floating_point or stored.dtype in (FP8_DTYPE, torch.float8_e5m2):
-        raise ComfyFormatError(f"{name}: scale dtype {stored.dtype} is not a float scale for {fmt.name}")
-    shape = tuple(stored.shape)
-    granularity = _granularity_of_scale_shape(shape, fmt, n, k)
-    if granularity is None:
-        if shape == (n,) and fmt.name == "int8_tensorwise":
-            # Written by some tools; lrq_ao can read it, but stock ComfyUI fails in the forward with it.
-            granularity = "row"
-        else:
-            allowed = expected_scale_shapes(fmt, (n, k), group_size)
-            raise ComfyFormatError(
-                f"{name}: scale shape {list(shape)} does not fit format {fmt.name} for a weight of shape "
-                f"[{n}, {k}]; expected one of {[list(s) for s in allowed]}"
-            )
-    block = 1
-    if granularity == "block":
-        block = _group_size_from_grid(shape, n, k, group_size, name)
-    spec = FormatSpec(fmt.qdtype, granularity, block) if granularity == "block" else FormatSpec(fmt.qdtype, granularity)
-    block_size = spec.block_size_for((n, k))
-    grid = stored.detach().to(torch.float32).reshape(n // block_size[0], k // block_size[1])
-    return spec, grid, block_size
-
-
-def _granularity_of_scale_shape(shape: tuple, fmt: ComfyFormat, n: int, k: int) -> str | None:
-    for granularity, layout in fmt.scale_layouts.items():
-        if layout == SCALAR and shape in ((), (1,)):
-            return granularity
-        if layout == COLUMN and shape == (n, 1):
-            return granularity
-        if layout == VECTOR and shape == (n,):
-            return granularity
-        if layout == GRID and len(shape) == 2:
-            return granularity
-    return None
-
-
-def _group_size_from_grid(shape: tuple, n: int, k: int, group_size: int | None, name: str) -> int:
-    rows, cols = shape
-    if group_size is None:
-        # The marker lacks group_size: infer it, but only if the grid is a square tiling of the weight.
-        if rows <= 0 or cols <= 0 or n % rows or k % cols or n // rows != k // cols:
-            raise ComfyFormatError(
-                f"{name}: block scale shape {list(shape)} is not a square tiling of weight [{n}, {k}] and the "
-                f"marker has no group_size"
-            )
-        group_size = n // rows
-    if n % group_size or k % group_size or (rows, cols) != (n // group_size, k // group_size):
-        raise ComfyFormatError(
-            f"{name}: block scale shape {list(shape)} does not match weight [{n}, {k}] with group_size "
-            f"{group_size}; expected [{n // group_size}, {k // group_size}] and both dims divisible by it"
-        )
-    return group_size
+__all__ = [
+    "INPUT_SCALE_SUFFIX",
+    "MARKER_KEY_ORDER",
+    "MARKER_SUFFIX",
+    "METADATA_KEY",
+    "SCALE2_SUFFIX",
+    "SCALE_SUFFIX",
+    "WEIGHT_SUFFIX",
+    "ComfyFormatError",
+    "decode_marker",
+    "dtype_name",
+    "encode_marker",
+    "layer_marker",
+    "layer_tensors",
+    "marker_json",
+    "metadata_header",
+    "parse_dtype_name",
+    "parse_metadata_header",
+    "validate_marker",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # JSON markers
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"torch.bfloat16"`` (the spelling the reference tool writes)."""
-    return str(dtype)
 
 
 def parse_dtype_name(text: Any, where: str = "") -> torch.dtype:
@@ -260,27 +82,24 @@ def parse_dtype_name(text: Any, where: str = "") -> torch.dtype:
     return dtype
 
 
-def make_marker(
-    spec: FormatSpec,
+def layer_marker(
+    fmt: WeightFormat,
+    shape: tuple[int, int],
     *,
     orig_dtype: torch.dtype | None = None,
     orig_shape: tuple[int, int] | None = None,
     full_precision_matrix_mult: bool = False,
 ) -> dict[str, Any]:
-    """The ``.comfy_quant`` JSON object for a weight of ``spec``, keys in the documented order."""
-    fmt = comfy_format_for(spec)
-    marker: dict[str, Any] = {"format": fmt.name}
-    if orig_dtype is not None:
-        marker["orig_dtype"] = dtype_name(orig_dtype)
-    if orig_shape is not None:
-        marker["orig_shape"] = [int(d) for d in orig_shape]
-    if spec.granularity == "block":
-        marker["group_size"] = int(spec.block)
-    if full_precision_matrix_mult:
-        marker["full_precision_matrix_mult"] = True
-    if fmt.name == "int8_tensorwise" and spec.granularity == "row":
-        marker["per_row"] = True
-    return marker
+    """The ``.comfy_quant`` JSON object for a ``shape`` weight of ``fmt``: the format's name and its own keys
+    (:meth:`~lrq_ao.formats.base.WeightFormat.comfy_marker_fields`) with the common ones, in the documented order.
+    Raises ``FormatError`` if ``fmt`` cannot store ``shape``."""
+    return ordered_marker(
+        fmt.comfy_name,
+        fmt.comfy_marker_fields(fmt.block_size_for(shape), shape),
+        orig_dtype=None if orig_dtype is None else dtype_name(orig_dtype),
+        orig_shape=None if orig_shape is None else [int(d) for d in orig_shape],
+        full_precision_matrix_mult=full_precision_matrix_mult,
+    )
 
 
 def marker_json(marker: dict[str, Any]) -> str:
@@ -333,8 +152,6 @@ def validate_marker(marker: Any, name: str) -> dict[str, Any]:
         "a list of two positive integers",
         name,
     )
-    if marker.get("convrot"):
-        raise ComfyFormatError(f"{name}: ConvRot (rotated) weights are not supported by lrq_ao")
     return marker
 
 
@@ -385,11 +202,17 @@ def parse_metadata_header(text: Any, where: str = "_quantization_metadata") -> d
     return layers
 
 
+def logical_shape(fmt: WeightFormat, qw: QuantizedWeight) -> tuple[int, int]:
+    """The ``(N, K)`` weight ``qw`` stands for: its stored codes' rows, and their columns times the codes per byte
+    (``qdata`` is ``(N, K)``, or ``(N, K * bits / 8)`` for packed sub-byte elements)."""
+    rows, cols = qw.qdata.shape
+    return int(rows), int(cols) * 8 // fmt.element.bits
+
+
 def layer_tensors(
     layer: str,
-    qdata: torch.Tensor,
-    scale: torch.Tensor,
-    spec: FormatSpec,
+    fmt: WeightFormat,
+    qw: QuantizedWeight,
     *,
     orig_dtype: torch.dtype | None = None,
     orig_shape: tuple[int, int] | None = None,
@@ -398,22 +221,24 @@ def layer_tensors(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every tensor a ComfyUI file holds for quantized linear ``layer``, and its header marker.
 
-    ``qdata``/``scale`` are lrq_ao's quantized data and 2-D scale grid for ``spec``. Returns
-    ``({"L.weight", "L.weight_scale", "L.comfy_quant"[, "L.input_scale"]}, marker)``. Raises
-    ``ComfyFormatError`` for a wrong qdata dtype, a scale grid of the wrong shape, or a name ending in ``.weight``.
+    ``qw`` is the layer quantized in ``fmt``. Returns ``({"L.weight", "L.weight_scale"[, "L.weight_scale_2"],
+    "L.comfy_quant"[, "L.input_scale"]}, marker)``: the format's tensors (``fmt.comfy_tensors``) under the layer's
+    name, the marker, the optional input scale. Raises ``ComfyFormatError`` for qdata of another dtype than the
+    format stores, a scale grid of the wrong shape, a bad input scale, or a name ending in ``.weight``.
     """
     if layer.endswith(WEIGHT_SUFFIX):
         raise ComfyFormatError(f"layer name {layer!r} must be the module path, without the trailing '.weight'")
-    if qdata.dtype != spec.qdtype:
-        raise ComfyFormatError(f"{layer}.weight: qdata dtype {qdata.dtype} does not match {spec}")
-    marker = make_marker(
-        spec, orig_dtype=orig_dtype, orig_shape=orig_shape, full_precision_matrix_mult=full_precision_matrix_mult
+    if qw.qdata.dtype != fmt.element.storage_dtype:
+        raise ComfyFormatError(
+            f"{layer}.weight: qdata dtype {qw.qdata.dtype} does not match {fmt.describe()} "
+            f"(stores {fmt.element.storage_dtype})"
+        )
+    shape = logical_shape(fmt, qw)
+    marker = layer_marker(
+        fmt, shape, orig_dtype=orig_dtype, orig_shape=orig_shape, full_precision_matrix_mult=full_precision_matrix_mult
     )
-    tensors = {
-        layer + WEIGHT_SUFFIX: qdata.detach().contiguous(),
-        layer + SCALE_SUFFIX: scale_to_comfy(scale, spec, qdata.shape),
-        layer + MARKER_SUFFIX: encode_marker(marker),
-    }
+    tensors = {layer + suffix: t for suffix, t in fmt.comfy_tensors(qw, shape).items()}
+    tensors[layer + MARKER_SUFFIX] = encode_marker(marker)
     if input_scale is not None:
         if not (math.isfinite(input_scale) and input_scale > 0):
             raise ComfyFormatError(f"{layer}.input_scale: must be a positive finite number, got {input_scale}")

@@ -24,6 +24,7 @@ from lrq_ao.convert.plan import ConversionPlan, TensorPlan
 from lrq_ao.convert.report import ConversionReport, LayerRecord
 from lrq_ao.convert.resume import Journal, journal_path, rank_journals
 from lrq_ao.convert.stream import ShardedWriter, StreamingWriter, TensorInfo, open_output, partial_path, read_tensor
+from lrq_ao.formats import QuantizedWeight, WeightFormat
 
 # Test-only hook: SIGKILL this process after N journal entries (used to test --resume with a real killed run).
 KILL_HOOK_ENV = "LRQ_CONVERT_TEST_KILL_AFTER"
@@ -42,22 +43,62 @@ class RunOptions:
     calibration: Any = None  # lrq_ao.rounding.calibration.Calibration, or None
 
 
-def chunked_sqnr(w: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int]) -> float:
-    """``primitives.sqnr(w, dequantize(qdata, scale))`` in float64, over row chunks so memory stays bounded."""
+def chunked_sqnr(w: torch.Tensor, fmt: WeightFormat, qw: QuantizedWeight) -> float:
+    """``primitives.sqnr(w, fmt.dequantize_original(qw))``, summed in float64 over row chunks so memory stays
+    bounded: the scale grid is first spread to one row per weight row, so a chunk of rows is a weight of its own
+    with ``block_size`` ``(1, bk)`` (exact for every format whose dequantization is per-block, as the base's is)."""
     n, k = w.shape
-    bn, bk = block_size
-    row_scale = scale.repeat_interleave(bn, dim=0)  # (N, K // bk): small for every layout
+    bn, bk = qw.block_size
+    row_scale = qw.scale.repeat_interleave(bn, dim=0)  # (N, K // bk): small for every layout
     rows = max(1, SQNR_CHUNK_ELEMENTS // max(k, 1))
     sig = err = 0.0
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
+        part = QuantizedWeight(qw.qdata[r0:r1], row_scale[r0:r1], (1, bk), qw.scale2)
         ref = w[r0:r1].double()
-        approx = qdata[r0:r1].double() * row_scale[r0:r1].repeat_interleave(bk, dim=1).double()
+        approx = fmt.dequantize_original(part, torch.float32).double()
         sig += float(ref.square().sum())
         err += float((ref - approx).square().sum())
     if err == 0:
         return math.inf
     return 10 * math.log10(sig / err) if sig > 0 else -math.inf
+
+
+def learned_rounding_supports(fmt: WeightFormat) -> bool:
+    """Whether ``lrq_ao.rounding`` rounds ``fmt``. TEMPORARY, until rounding takes every ``WeightFormat``: it
+    rounds the 8-bit scaled formats (those ``lrq_ao.primitives.FORMATS`` lists, which its ``config.spec`` reads);
+    every other format is rounded to nearest by the format itself (``fmt.quantize``)."""
+    from lrq_ao.primitives import FORMATS as ROUNDED_FORMATS
+
+    return ROUNDED_FORMATS.get(fmt.name) is not None
+
+
+@dataclass
+class RoundedWeight:
+    """What ``layer_output`` needs of a rounding result: the quantized weight, the rounding's report and any bias
+    correction (``lrq_ao.rounding``'s results carry these as ``qdata``/``scale``/``block_size``/``report``)."""
+
+    qw: QuantizedWeight
+    report: dict[str, Any]
+    bias_delta: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, result: Any) -> RoundedWeight:
+        if isinstance(result, RoundedWeight):
+            return result
+        qw = QuantizedWeight(result.qdata, result.scale, result.block_size, getattr(result, "scale2", None))
+        return cls(qw, dict(result.report or {}), getattr(result, "bias_delta", None))
+
+
+def round_weight(w: torch.Tensor, fmt: WeightFormat, config: LearnedRoundingConfig, name: str, stats: Any):
+    """One weight rounded as ``config`` says (``lrq_ao.rounding.quantize_weight``), or to nearest by ``fmt`` itself
+    where learned rounding does not handle the format yet (the report says so)."""
+    if learned_rounding_supports(fmt):
+        from lrq_ao.rounding import quantize_weight
+
+        return RoundedWeight.of(quantize_weight(w, config, name=name, stats=stats))
+    report = {"objective": "rtn", "note": f"learned rounding does not handle {fmt.name} yet: rounded to nearest"}
+    return RoundedWeight(fmt.quantize(w, name), report)
 
 
 def quantize_layer(
@@ -73,33 +114,31 @@ def quantize_layer(
     """Read one weight, quantize it on ``device`` as ``config`` says, and return its ComfyUI tensors and record.
 
     ``weight`` is the tensor already read from ``info`` (the engine reads one layer ahead), else it is read here.
-    Raises ``ValueError`` naming the tensor for NaN/Inf values (from ``quantize_weight``).
+    Raises ``ValueError`` naming the tensor for NaN/Inf values (from ``quantize_weight`` or the format).
     """
-    from lrq_ao.rounding import quantize_weight
-
     t0 = time.perf_counter()
     w = (weight if weight is not None else read_tensor(info)).to(device)
-    result = quantize_weight(w, config, name=info.name, stats=stats)
+    result = round_weight(w, tp.weight_format, config, info.name, stats)
     return layer_output(info, tp, w, result, full_precision_matrix_mult, time.perf_counter() - t0)
 
 
 def layer_output(
     info: TensorInfo, tp: TensorPlan, w: torch.Tensor, result: Any, full_precision_matrix_mult: bool, seconds: float
 ) -> tuple[dict[str, torch.Tensor], LayerRecord]:
-    """One rounded weight (``result`` of ``quantize_weight(s)`` for ``w``) -> its ComfyUI tensors and record.
-    ``seconds`` is the rounding's share of time; the SQNR check here is added to it."""
+    """One rounded weight (``result`` of ``quantize_weight(s)`` for ``w``, or a ``RoundedWeight``) -> its ComfyUI
+    tensors and record. ``seconds`` is the rounding's share of time; the SQNR check here is added to it."""
     t0 = time.perf_counter()
-    if getattr(result, "bias_delta", None) is not None:
+    result = RoundedWeight.of(result)
+    if result.bias_delta is not None:
         raise ValueError(
             f"{info.name}: the converter does not apply bias correction (it would change the bias tensors' layout); "
             f"run without bias correction"
         )
-    sqnr_db = chunked_sqnr(w, result.qdata, result.scale, result.block_size)
-    qdata, scale = result.qdata.cpu(), result.scale.cpu()
-    tensors, _ = cf.layer_tensors(
-        tp.layer, qdata, scale, tp.spec, full_precision_matrix_mult=full_precision_matrix_mult
-    )
-    rep = dict(result.report or {})
+    fmt, qw = tp.weight_format, result.qw
+    sqnr_db = chunked_sqnr(w, fmt, qw)
+    qw = QuantizedWeight(qw.qdata.cpu(), qw.scale.cpu(), qw.block_size, None if qw.scale2 is None else qw.scale2.cpu())
+    tensors, _ = cf.layer_tensors(tp.layer, fmt, qw, full_precision_matrix_mult=full_precision_matrix_mult)
+    rep = result.report
     record = LayerRecord(
         layer=tp.layer,
         format=tp.format,
@@ -108,7 +147,7 @@ def layer_output(
         objective_before=_float_or_none(rep.get("objective_rtn")),
         objective_after=_float_or_none(rep.get("objective_final")),
         seconds=seconds + time.perf_counter() - t0,
-        fallback=tp.fallback,
+        fallback=tp.fallback if tp.fallback is None else f"{tp.fallback}: {tp.fallback_why}",
         rounding={k: v for k, v in rep.items() if isinstance(v, (int, float, str, bool)) and k != "name"},
     )
     return tensors, record
@@ -429,12 +468,15 @@ def _round_waiting(
 
     groups: dict[tuple, list[tuple[TensorPlan, torch.Tensor]]] = {}
     for tp, w in waiting:
-        groups.setdefault((tuple(w.shape), tp.format, tp.spec), []).append((tp, w))
+        groups.setdefault((tuple(w.shape), tp.format, tp.weight_format), []).append((tp, w))
     waiting.clear()
     for members in groups.values():
         t0 = time.perf_counter()
-        config = plan.layer_config(members[0][0])
-        results = quantize_weights([w for _, w in members], config, names=[tp.name for tp, _ in members])
+        fmt, config = members[0][0].weight_format, plan.layer_config(members[0][0])
+        if learned_rounding_supports(fmt):
+            results = quantize_weights([w for _, w in members], config, names=[tp.name for tp, _ in members])
+        else:
+            results = [round_weight(w, fmt, config, tp.name, None) for tp, w in members]
         seconds = (time.perf_counter() - t0) / len(members)
         for (tp, w), result in zip(members, results):
             info = plan.source.tensors[tp.name]

@@ -30,24 +30,29 @@ from lrq_ao.convert.stream import (
     layout_entries,
     read_tensor,
 )
-from lrq_ao.primitives import FORMATS, FormatSpec
+from lrq_ao.formats import FORMATS, WeightFormat, get_format
 
 PLAN_VERSION = 1
 MIN_QUANT_DIM = 16  # layers thinner than this gain nothing from 8-bit and some kernels refuse them
+BLOCK_SIZES = (32, 64, 128, 256)  # --block-size / --layer-config block_size, for formats with blocks
 
-# --format names (ComfyUI names, plus lrq_ao short names and an explicit per-tensor INT8 name) -> lrq_ao format name.
-FORMAT_ALIASES = {
-    "float8_e4m3fn": "fp8",
-    "float8_e4m3fn_rowwise": "fp8_row",
-    "float8_e4m3fn_blockwise": "fp8_block",
-    "int8_tensorwise": "int8",
-    "int8_tensorwise_row": "int8",
-    "int8_tensorwise_tensor": "int8_tensor",
-    "int8_blockwise": "int8_block",
-    **{name: name for name in FORMATS},
-}
-# What a block layout that cannot tile a layer falls back to: always a format with the same element dtype.
-FALLBACK = {"block": "row", "row": "row", "tensor": "tensor"}
+# Spellings kept from earlier lrq-convert versions that name one of several formats sharing a ComfyUI name.
+EXTRA_ALIASES = {"int8_tensorwise_row": "int8", "int8_tensorwise_tensor": "int8_tensor"}
+
+
+def format_aliases() -> dict[str, str]:
+    """Every ``--format`` name -> lrq_ao format name: each format's ComfyUI name (where several formats share one,
+    e.g. ``int8_tensorwise``, the first registered: the one earlier versions meant), ``EXTRA_ALIASES``, and every
+    lrq_ao name in ``lrq_ao.formats.FORMATS``."""
+    aliases: dict[str, str] = {}
+    for name, fmt in FORMATS.items():
+        aliases.setdefault(fmt.comfy_name, name)
+    aliases.update(EXTRA_ALIASES)
+    aliases.update({name: name for name in FORMATS})
+    return aliases
+
+
+FORMAT_ALIASES = format_aliases()
 # --max-shard-size units: decimal like Hugging Face's "5GB", binary with an "i".
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
@@ -78,20 +83,13 @@ def shard_paths(target: str | Path, count: int) -> tuple[Path, list[Path]]:
     return index, [target.with_name(f"{stem}-{i:05d}-of-{count:05d}.safetensors") for i in range(1, count + 1)]
 
 
-def lrq_format_name(spec: FormatSpec) -> str:
-    """lrq_ao's format name (``LearnedRoundingConfig.format``) for ``spec``."""
-    for name, known in FORMATS.items():
-        if known.qdtype == spec.qdtype and known.granularity == spec.granularity:
-            return name
-    raise ValueError(f"no lrq_ao format for {spec}")
-
-
-def parse_format(name: str, block: int) -> FormatSpec:
-    """A ``--format`` value (ComfyUI name or lrq_ao short name) as a ``FormatSpec``; ``ValueError`` if unknown."""
+def parse_format(name: str, block: int) -> WeightFormat:
+    """A ``--format`` value (ComfyUI name or lrq_ao name) as a format object, with ``block`` applied where the
+    format has blocks; ``ValueError`` if unknown."""
     if name not in FORMAT_ALIASES:
         raise ValueError(f"unknown format {name!r}; choose one of {', '.join(FORMAT_ALIASES)}")
-    spec = FORMATS[FORMAT_ALIASES[name]]
-    return FormatSpec(spec.qdtype, spec.granularity, block)
+    fmt = FORMATS[FORMAT_ALIASES[name]]
+    return get_format(fmt, block) if fmt.has_blocks else fmt
 
 
 @dataclass(frozen=True)
@@ -131,7 +129,7 @@ def load_layer_config(path: str | Path) -> tuple[LayerRule, ...]:
         if not skip and fmt not in FORMAT_ALIASES:
             raise ValueError(f'{where} needs "skip": true or a format among {", ".join(FORMAT_ALIASES)}')
         block = settings.get("block_size")
-        if block is not None and block not in (32, 64, 128, 256):
+        if block is not None and block not in BLOCK_SIZES:
             raise ValueError(f"{where}: block_size must be 32, 64, 128 or 256, got {block!r}")
         rules.append(LayerRule(pattern, skip, fmt, block))
     return tuple(rules)
@@ -177,17 +175,24 @@ class TensorPlan:
     """What happens to one input tensor.
 
     action: ``quantize``, ``keep`` or ``remove``. reason: why (for a quantized layer: which rule chose the format).
-    layer: the module path of a quantized weight. spec/format: the format written (after any fallback);
-    fallback: the requested format and why it could not be used, or None.
+    layer: the module path of a quantized weight. weight_format: the format written (after any fallback; ``spec``
+    is the older name); format: its ComfyUI name; fallback: the requested format and that it could not store the
+    weight, or None; fallback_why: the requested format's own explanation; suffixes: the format's stored tensors.
     """
 
     name: str
     action: str
     reason: str
     layer: str | None = None
-    spec: FormatSpec | None = None
+    weight_format: WeightFormat | None = None
     format: str | None = None
     fallback: str | None = None
+    fallback_why: str | None = None
+    suffixes: tuple[str, ...] = ()
+
+    @property
+    def spec(self) -> WeightFormat | None:
+        return self.weight_format
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -195,7 +200,7 @@ class TensorPlan:
             return ()
         if self.action == "keep":
             return (self.name,)
-        return (self.layer + cf.WEIGHT_SUFFIX, self.layer + cf.SCALE_SUFFIX, self.layer + cf.MARKER_SUFFIX)
+        return tuple(self.layer + s for s in (*self.suffixes, cf.MARKER_SUFFIX))
 
 
 @dataclass(frozen=True)
@@ -259,7 +264,9 @@ class ConversionPlan:
 
     def layer_config(self, tp: TensorPlan) -> LearnedRoundingConfig:
         """The rounding config for one quantized layer: the run's config with this layer's format."""
-        return replace(self.options.rounding, format=lrq_format_name(tp.spec), block_size=_config_block(tp.spec))
+        fmt = tp.weight_format
+        block = fmt.block if fmt.has_blocks else LearnedRoundingConfig.block_size
+        return replace(self.options.rounding, format=fmt.name, block_size=block)
 
     def plan_hash(self) -> str:
         """Identifies the conversion: input files and header, every decision, the output layout and the config."""
@@ -277,11 +284,6 @@ class ConversionPlan:
                 h.update(json.dumps([[e.name, e.offset] for e in shard.entries]).encode())
                 h.update(json.dumps(shard.metadata, sort_keys=True).encode())
         return h.hexdigest()
-
-
-def _config_block(spec: FormatSpec) -> int:
-    # LearnedRoundingConfig validates block_size even for non-block formats; its default is always valid.
-    return spec.block if spec.granularity == "block" else LearnedRoundingConfig.block_size
 
 
 def _best_rule(layer: str, rules: tuple[LayerRule, ...]) -> LayerRule | None:
@@ -308,8 +310,8 @@ def decide(info: TensorInfo, options: ConvertOptions, preset: Preset, nonfinite:
     """The plan for one tensor. Rules, first match wins: the preset's ``remove`` list; shape/dtype rules (only 2-D
     float ``.weight`` tensors at least 16 wide are candidates); NaN/Inf found by ``--skip-bad-layers``;
     ``--custom-layers`` (its format, overriding everything below); ``--layer-config`` (skip, or a format);
-    ``--exclude-layers``; the common and preset keep lists; otherwise the default format. A block format that
-    cannot tile the weight falls back (see ``FALLBACK``)."""
+    ``--exclude-layers``; the common and preset keep lists; otherwise the default format. A format that cannot
+    store the weight falls back to ``fmt.fallback()`` where it has one (see ``_with_fallback``)."""
     name = info.name
     hit = first_match(name, preset.remove)
     if hit:
@@ -336,41 +338,64 @@ def decide(info: TensorInfo, options: ConvertOptions, preset: Preset, nonfinite:
             hit = first_match(name, COMMON_KEEP) or first_match(name, preset.keep)
             if hit:
                 return TensorPlan(name, "keep", f"preset {preset.name} keeps {hit!r} high-precision")
-    spec = parse_format(fmt, block)
-    return _with_fallback(TensorPlan(name, "quantize", why, layer=layer), spec, info.shape)
+    return _with_fallback(TensorPlan(name, "quantize", why, layer=layer), parse_format(fmt, block), info.shape)
 
 
-def _with_fallback(tp: TensorPlan, spec: FormatSpec, shape: tuple[int, ...]) -> TensorPlan:
-    try:
-        spec.block_size_for(shape)
-        final, note = spec, None
-    except ValueError:
-        final = FormatSpec(spec.qdtype, FALLBACK[spec.granularity])
-        note = (
-            f"requested {cf.comfy_format_for(spec).name} block {spec.block} cannot tile shape {list(shape)}; "
-            f"wrote {cf.comfy_format_for(final).name} ({final.granularity}-wise) instead"
+def _with_fallback(tp: TensorPlan, fmt: WeightFormat, shape: tuple[int, ...]) -> TensorPlan:
+    """``tp`` quantized to ``fmt``, or, where ``fmt.refusal(shape)`` says it cannot store the weight, to the
+    format's ``fallback()`` (stated in ``fallback`` / ``fallback_why``). A weight that neither can store stays
+    high-precision, with both formats' reasons."""
+    why = fmt.refusal(shape)
+    if why is None:
+        return _quantized(tp, fmt, shape)
+    fallback = getattr(fmt, "fallback", None)
+    final = fallback() if fallback is not None else None
+    final_why = "it has no fallback format" if final is None else final.refusal(shape)
+    if final_why is not None:
+        return replace(
+            tp, action="keep", layer=None, reason=f"format {fmt.describe()} cannot store it: {why}; {final_why}"
         )
-    return replace(tp, spec=final, format=cf.comfy_format_for(final).name, fallback=note)
+    note = (
+        f"requested {fmt.comfy_name}{_block_words(fmt)} cannot tile shape {list(shape)}; "
+        f"wrote {final.comfy_name} ({_group_words(final.block_size_for(shape), shape)}) instead"
+    )
+    return replace(_quantized(tp, final, shape), fallback=note, fallback_why=why)
 
 
-def _marker(tp: TensorPlan, options: ConvertOptions) -> dict[str, Any]:
-    return cf.make_marker(tp.spec, full_precision_matrix_mult=options.full_precision_matrix_mult)
+def _quantized(tp: TensorPlan, fmt: WeightFormat, shape: tuple[int, ...]) -> TensorPlan:
+    suffixes = tuple(fmt.comfy_tensor_specs(shape))
+    return replace(tp, weight_format=fmt, format=fmt.comfy_name, suffixes=suffixes)
+
+
+def _block_words(fmt: WeightFormat) -> str:
+    return f" block {fmt.block}" if fmt.has_blocks else ""
+
+
+def _group_words(block_size: tuple[int, int], shape: tuple[int, ...]) -> str:
+    """How a group shape reads in a note: tensor-wise, row-wise, groups of g, or bn x bk blocks."""
+    (bn, bk), (n, k) = block_size, shape
+    if (bn, bk) == (n, k):
+        return "tensor-wise"
+    if (bn, bk) == (1, k):
+        return "row-wise"
+    return f"groups of {bk}" if bn == 1 else f"{bn}x{bk} blocks"
+
+
+def _marker(tp: TensorPlan, info: TensorInfo, options: ConvertOptions) -> dict[str, Any]:
+    return cf.layer_marker(tp.weight_format, info.shape, full_precision_matrix_mult=options.full_precision_matrix_mult)
 
 
 def _outputs_for(tp: TensorPlan, info: TensorInfo, marker: dict[str, Any] | None) -> list[OutputEntry]:
+    """The output entries of one input tensor: itself when kept; a quantized layer's stored tensors as its format
+    specifies them (``comfy_tensor_specs``), then its marker."""
     if tp.action == "remove":
         return []
     if tp.action == "keep":
         return [OutputEntry(info.name, info.dtype, info.shape)]
-    n, k = info.shape
-    bn, bk = tp.spec.block_size_for((n, k))
-    scale_shape = tuple(cf.scale_to_comfy(torch.empty(n // bn, k // bk), tp.spec, (n, k)).shape)
+    specs = tp.weight_format.comfy_tensor_specs(info.shape)
     marker_len = len(cf.marker_json(marker).encode("utf-8"))
-    return [
-        OutputEntry(tp.layer + cf.WEIGHT_SUFFIX, DTYPE_NAMES[tp.spec.qdtype], (n, k)),
-        OutputEntry(tp.layer + cf.SCALE_SUFFIX, "F32", scale_shape),
-        OutputEntry(tp.layer + cf.MARKER_SUFFIX, "U8", (marker_len,)),
-    ]
+    entries = [OutputEntry(tp.layer + suffix, DTYPE_NAMES[dtype], shape) for suffix, (dtype, shape) in specs.items()]
+    return [*entries, OutputEntry(tp.layer + cf.MARKER_SUFFIX, "U8", (marker_len,))]
 
 
 def check_not_quantized(source: Source) -> None:
@@ -412,7 +437,7 @@ def build_plan(source: Source, options: ConvertOptions, *, max_shard_size: int |
     tensors = [decide(info, options, preset, nonfinite) for info in source.tensors.values()]
     if not any(i.is_float for i in source.tensors.values()):
         raise ValueError(f"input {source.files[0]} holds no floating-point tensors; nothing to convert")
-    markers = {t.layer: _marker(t, options) for t in tensors if t.action == "quantize"}
+    markers = {t.layer: _marker(t, source.tensors[t.name], options) for t in tensors if t.action == "quantize"}
     groups = [_outputs_for(tp, source.tensors[tp.name], markers.get(tp.layer)) for tp in tensors]
     entries, _ = layout_entries([e for group in groups for e in group])
     metadata = _metadata(source, options, preset, tensors, markers)
@@ -480,7 +505,7 @@ def describe_plan(plan: ConversionPlan) -> str:
         what = t.format if t.action == "quantize" else t.action
         lines.append(f"  {t.name:<{width}}  {info.dtype:>5} {str(list(info.shape)):>16}  {what:<24} {t.reason}")
         if t.fallback:
-            lines.append(f"  {'':<{width}}  FALLBACK: {t.fallback}")
+            lines.append(f"  {'':<{width}}  FALLBACK: {t.fallback}: {t.fallback_why}")
     nq = len(plan.quantized)
     lines += [
         "",
@@ -494,14 +519,20 @@ def describe_plan(plan: ConversionPlan) -> str:
             f"output split into {len(plan.shards)} shards of at most {human_bytes(plan.max_shard_size)} tensor bytes "
             f"each (largest {human_bytes(max(s.data_bytes for s in plan.shards))}) plus an index"
         )
-    custom = sorted({t.format for t in plan.quantized if not cf.COMFY_FORMATS[t.format].stock})
+    custom = custom_formats(plan)
     if custom:
         lines.append(custom_format_warning(custom))
     return "\n".join(lines)
 
 
+def custom_formats(plan: ConversionPlan) -> list[str]:
+    """The ComfyUI names of the planned formats stock ComfyUI does not load (``fmt.stock`` is False)."""
+    return sorted({t.format for t in plan.quantized if not t.weight_format.stock})
+
+
 def custom_format_warning(formats: list[str]) -> str:
+    stock = " or ".join(dict.fromkeys(f.comfy_name for f in FORMATS.values() if f.stock))
     return (
         f"WARNING: {', '.join(formats)} load only with the ComfyUI-QuantOps custom node; stock ComfyUI refuses "
-        f"them ('Unsupported quantization format'). For stock ComfyUI use float8_e4m3fn or int8_tensorwise."
+        f"them ('Unsupported quantization format'). For stock ComfyUI use {stock}."
     )

@@ -1,11 +1,13 @@
 """Read ComfyUI quantized checkpoints back into lrq_ao tensors.
 
-Accepts files written by lrq_ao, by the reference tool ``convert-to-quant`` (``float8_e4m3fn``,
-``float8_e4m3fn_rowwise``, ``float8_e4m3fn_blockwise``, ``int8_tensorwise``, ``int8_blockwise``) and legacy
-``scaled_fp8`` files (``scale_weight`` / ``scale_input``). Every layer is validated before any tensor is used:
-stored dtype against the format, presence and shape of the scale, marker JSON, known format, and that the file
-holds every byte its header promises. Any problem raises :class:`ComfyFormatError` (a ``ValueError``) naming the
-file and the tensor.
+Accepts files written by lrq_ao, by the reference tool ``convert-to-quant`` and by ComfyUI, in every ComfyUI
+format some format file of :mod:`lrq_ao.formats` registers a reader for (``lrq_ao.formats.comfy.reader_for``; the
+8-bit scaled ones are ``float8_e4m3fn``, ``float8_e4m3fn_rowwise``, ``float8_e4m3fn_blockwise``,
+``int8_tensorwise``, ``int8_blockwise``), and legacy ``scaled_fp8`` files (``scale_weight`` / ``scale_input``).
+Every layer is validated before any tensor is used: marker JSON, known format, stored weight dtype against the
+formats of that name, presence of the scale, then the format's own reader (scale dtype and shape), and that the
+file holds every byte its header promises. Any problem raises :class:`ComfyFormatError` (a ``ValueError``) naming
+the file and the tensor.
 
 Public entry points: :func:`read_comfy` (lazy: parses and validates, returns a :class:`ComfyCheckpoint`),
 :func:`load_comfy` (a state dict with lrq_ao tensors for quantized weights) and :func:`load_comfy_into`
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -30,18 +33,17 @@ from lrq_ao.convert.comfy_format import (
     INPUT_SCALE_SUFFIX,
     MARKER_SUFFIX,
     METADATA_KEY,
+    SCALE2_SUFFIX,
     SCALE_SUFFIX,
     WEIGHT_SUFFIX,
-    ComfyFormat,
     ComfyFormatError,
     decode_marker,
-    get_comfy_format,
+    logical_shape,
     metadata_header,
     parse_dtype_name,
     parse_metadata_header,
-    scale_from_comfy,
 )
-from lrq_ao.primitives import FP8_DTYPE, FormatSpec, dequantize
+from lrq_ao.formats import FORMATS, FormatError, QuantizedWeight, WeightFormat, reader_for
 
 __all__ = ["ComfyCheckpoint", "ComfyFormatError", "ComfyLayer", "LoadResult", "load_comfy", "load_comfy_into"]
 
@@ -65,6 +67,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 LEGACY_MARKER = "scaled_fp8"
+LEGACY_FORMAT = "float8_e4m3fn"  # what ComfyUI's convert_old_quants turns a scaled_fp8 file's layers into
 LEGACY_SCALE_SUFFIX = ".scale_weight"
 LEGACY_INPUT_SCALE_SUFFIX = ".scale_input"
 DEFAULT_DTYPE = torch.bfloat16
@@ -80,15 +83,18 @@ class TensorEntry:
 
 @dataclass
 class ComfyLayer:
-    """A validated quantized linear: lrq_ao's view of ``<layer>.weight`` + ``.weight_scale`` + ``.comfy_quant``.
+    """A validated quantized linear: lrq_ao's view of ``<layer>.weight`` + its scales + ``.comfy_quant``.
 
-    ``scale`` is the float32 2-D grid ``(N // bn, K // bk)`` of :mod:`lrq_ao.primitives`; ``qdata`` is filled by
-    :meth:`ComfyCheckpoint.load_layer`. ``source`` is ``"marker"``, ``"header"`` or ``"legacy"``.
+    ``comfy_name`` is the marker's format; ``weight_format`` the lrq_ao format its reader read the layer as
+    (``spec`` is the older name); ``shape`` the logical ``(out, in)``. ``scale`` (the float32 2-D grid
+    ``(N // bn, K // bk)``), ``scale2`` and ``block_size`` are the :class:`~lrq_ao.formats.QuantizedWeight`'s;
+    ``qdata`` is filled by :meth:`ComfyCheckpoint.load_layer`. ``source`` is ``"marker"``, ``"header"`` or
+    ``"legacy"``. ``stored`` keeps the layer's small stored tensors by suffix, to hand the reader with the weight.
     """
 
     name: str
-    comfy_format: ComfyFormat
-    spec: FormatSpec
+    comfy_name: str
+    weight_format: WeightFormat
     shape: tuple[int, int]
     scale: torch.Tensor
     block_size: tuple[int, int]
@@ -97,6 +103,12 @@ class ComfyLayer:
     orig_dtype: torch.dtype | None = None
     input_scale: torch.Tensor | None = None
     qdata: torch.Tensor | None = None
+    scale2: torch.Tensor | None = None
+    stored: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def spec(self) -> WeightFormat:
+        return self.weight_format
 
     @property
     def full_precision_matrix_mult(self) -> bool:
@@ -104,13 +116,19 @@ class ComfyLayer:
 
     @property
     def stock(self) -> bool:
-        return self.comfy_format.stock
+        return self.weight_format.stock
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``qdata.float() * scale`` broadcast per block (the oracle every loader must reproduce)."""
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        """The layer as its format's ``QuantizedWeight`` (needs :meth:`ComfyCheckpoint.load_layer` first)."""
         if self.qdata is None:
             raise ComfyFormatError(f"{self.name}.weight: data not loaded; use ComfyCheckpoint.load_layer first")
-        return dequantize(self.qdata, self.scale, self.block_size, dtype)
+        return QuantizedWeight(self.qdata, self.scale, self.block_size, self.scale2)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight in the model's basis, exactly as the format defines it (``fmt.dequantize_original``: decoded
+        codes times the scale broadcast per block, float32; the oracle every loader must reproduce)."""
+        return self.weight_format.dequantize_original(self.quantized_weight, dtype)
 
 
 @dataclass
@@ -136,7 +154,7 @@ class ComfyCheckpoint:
 
     def formats(self) -> dict[str, str]:
         """``{layer: ComfyUI format name}`` for every quantized layer."""
-        return {name: layer.comfy_format.name for name, layer in self.layers.items()}
+        return {name: layer.comfy_name for name, layer in self.layers.items()}
 
     def plain_keys(self) -> list[str]:
         """Keys of tensors that are not part of a quantized layer (biases, norms, unquantized weights)."""
@@ -155,7 +173,10 @@ class ComfyCheckpoint:
         layers = [self.layers[n] for n in (self.layers if names is None else names)]
         todo = [layer.name + WEIGHT_SUFFIX for layer in layers if layer.qdata is None]
         for key, tensor in self.read(todo).items():
-            self.layers[key[: -len(WEIGHT_SUFFIX)]].qdata = tensor
+            layer = self.layers[key[: -len(WEIGHT_SUFFIX)]]
+            path = self.files.get(key, self.path)
+            _, qw = _run_reader(path, layer.name, layer.marker, layer.source, {WEIGHT_SUFFIX: tensor, **layer.stored})
+            layer.qdata = qw.qdata
         return layers
 
     def describe(self) -> str:
@@ -164,7 +185,7 @@ class ComfyCheckpoint:
         for name, layer in self.layers.items():
             shape = "x".join(map(str, layer.shape))
             block = "x".join(map(str, layer.block_size))
-            rows.append(f"{name:<48} {layer.comfy_format.name:<26} {shape:<14} {block:<12} {layer.stock}")
+            rows.append(f"{name:<48} {layer.comfy_name:<26} {shape:<14} {block:<12} {layer.stock}")
         rows.append(f"{len(self.layers)} quantized layers, {len(self.plain_keys())} other tensors: {self.path}")
         return "\n".join(rows)
 
@@ -346,9 +367,9 @@ def _legacy_markers(ckpt: ComfyCheckpoint, key: str) -> dict[str, tuple[dict[str
     entry = ckpt.entries[key]
     if entry.dtype == torch.float8_e5m2:
         raise ComfyFormatError(f"{ckpt.path}: tensor {key!r}: legacy float8_e5m2 files are not supported by lrq_ao")
-    if entry.dtype not in (FP8_DTYPE, torch.float32):
-        raise ComfyFormatError(f"{ckpt.path}: tensor {key!r}: legacy marker must be float8_e4m3fn, got {entry.dtype}")
-    marker: dict[str, Any] = {"format": "float8_e4m3fn"}
+    if entry.dtype not in (*stored_dtypes(LEGACY_FORMAT), torch.float32):
+        raise ComfyFormatError(f"{ckpt.path}: tensor {key!r}: legacy marker must be {LEGACY_FORMAT}, got {entry.dtype}")
+    marker: dict[str, Any] = {"format": LEGACY_FORMAT}
     if math.prod(entry.shape) == 2:  # ComfyUI: a 2-element marker asks for full-precision matmul
         marker["full_precision_matrix_mult"] = True
     prefix = key[: -len(LEGACY_MARKER)]
@@ -369,59 +390,128 @@ def _scale_keys(name: str, source: str) -> tuple[str, str]:
 def _small_keys(entries: dict[str, TensorEntry], markers: dict) -> set[str]:
     keys = set()
     for name, (_, source) in markers.items():
-        keys.update(k for k in _scale_keys(name, source) if k in entries)
+        keys.update(k for k in (*_scale_keys(name, source), name + SCALE2_SUFFIX) if k in entries)
     return keys
+
+
+def stored_dtypes(comfy_name: str) -> tuple[torch.dtype, ...]:
+    """The weight dtypes the lrq_ao formats called ``comfy_name`` in ComfyUI store (empty when only a reader is
+    registered for that name)."""
+    found = {f.element.storage_dtype: None for f in FORMATS.values() if f.comfy_name == comfy_name}
+    return tuple(found)
+
+
+def _run_reader(
+    path: Path, name: str, marker: dict[str, Any], source: str, tensors: dict[str, torch.Tensor]
+) -> tuple[WeightFormat, QuantizedWeight]:
+    """The format's reader on one layer's tensors by suffix. Its errors name tensors as ``<layer><suffix>``; they
+    are raised again naming the file and the tensor as stored (``'<layer>.scale_weight'`` in a legacy file)."""
+    try:
+        return reader_for(marker["format"], name)(marker, tensors, name)
+    except FormatError as exc:
+        raise ComfyFormatError(f"{path}: {_name_tensor(str(exc), name, source)}") from None
+
+
+def _name_tensor(message: str, name: str, source: str) -> str:
+    """``"<layer><suffix>: why"`` -> ``"tensor '<stored key>': why"`` (other messages are returned as they are)."""
+    match = re.match(rf"{re.escape(name)}(\.\w+)?: ", message)
+    if match is None:
+        return message
+    suffix = match.group(1) or ""
+    key = _scale_keys(name, source)[0] if suffix == SCALE_SUFFIX else name + suffix
+    what = f"tensor {key!r}" if suffix else f"layer {name!r}"
+    return f"{what}: {message[match.end() :]}"
 
 
 def _validate_layer(
     ckpt: ComfyCheckpoint, name: str, marker: dict[str, Any], source: str, small: dict[str, torch.Tensor]
 ) -> ComfyLayer:
+    """Check one layer with what every format shares (weight present, 2-D, non-empty, of a dtype the format's
+    name stores, a scale present), then with the format's own reader (on a meta weight: no data is read), then
+    the scales it returns (finite, non-negative) and the marker's ``orig_shape`` against the logical shape."""
     where = f"{ckpt.path}: layer {name!r}"
-    fmt = get_comfy_format(marker["format"], where)
+    comfy_name = marker["format"]
+    reader_for(comfy_name, where)  # an unknown or unsupported format is named before anything else
     weight_key = name + WEIGHT_SUFFIX
     weight = ckpt.entries.get(weight_key)
     if weight is None:
-        raise ComfyFormatError(f"{where}: marked as {fmt.name} but tensor {weight_key!r} is missing")
-    if weight.dtype != fmt.qdtype:
+        raise ComfyFormatError(f"{where}: marked as {comfy_name} but tensor {weight_key!r} is missing")
+    expected = stored_dtypes(comfy_name)
+    if expected and weight.dtype not in expected:
         raise ComfyFormatError(
-            f"{ckpt.path}: tensor {weight_key!r}: dtype {weight.dtype} is wrong for format {fmt.name}, which "
-            f"stores {fmt.qdtype}"
+            f"{ckpt.path}: tensor {weight_key!r}: dtype {weight.dtype} is wrong for format {comfy_name}, which "
+            f"stores {' or '.join(map(str, expected))}"
         )
     if len(weight.shape) != 2:
         raise ComfyFormatError(f"{ckpt.path}: tensor {weight_key!r}: expected a 2-D weight, got shape {weight.shape}")
-    shape = (weight.shape[0], weight.shape[1])
-    if 0 in shape:
-        raise ComfyFormatError(f"{ckpt.path}: tensor {weight_key!r}: empty weight of shape {list(shape)}")
-    if "orig_shape" in marker and tuple(marker["orig_shape"]) != shape:
-        raise ComfyFormatError(f"{where}: marker orig_shape {marker['orig_shape']} != stored weight shape {shape}")
+    if 0 in weight.shape:
+        raise ComfyFormatError(f"{ckpt.path}: tensor {weight_key!r}: empty weight of shape {list(weight.shape)}")
     scale_key, input_key = _scale_keys(name, source)
     if scale_key not in small:
-        raise ComfyFormatError(f"{where}: format {fmt.name} needs tensor {scale_key!r}, which is missing")
-    stored = small[scale_key]
-    spec, grid, block_size = scale_from_comfy(
-        stored, fmt, shape, marker.get("group_size"), f"{ckpt.path}: tensor {scale_key!r}"
-    )
-    if stored.dim() == 1 and stored.numel() == shape[0] > 1 and fmt.name == "int8_tensorwise":
-        warnings.warn(
-            f"{ckpt.path}: tensor {scale_key!r}: 1-D per-row int8 scale; read as per-row, but ComfyUI's dequantize "
-            f"broadcasts it along the input dimension (error or wrong weights); rewrite it as [out, 1]",
-            stacklevel=3,
-        )
-    if not bool(torch.isfinite(grid).all()) or bool((grid < 0).any()):
-        raise ComfyFormatError(f"{ckpt.path}: tensor {scale_key!r}: scales must be finite and non-negative")
+        raise ComfyFormatError(f"{where}: format {comfy_name} needs tensor {scale_key!r}, which is missing")
+    stored = {SCALE_SUFFIX: small[scale_key]}
+    if name + SCALE2_SUFFIX in small:
+        stored[SCALE2_SUFFIX] = small[name + SCALE2_SUFFIX]
+    meta_weight = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+    fmt, qw = _run_reader(ckpt.path, name, marker, source, {WEIGHT_SUFFIX: meta_weight, **stored})
+    shape = logical_shape(fmt, qw)
+    if "orig_shape" in marker and tuple(marker["orig_shape"]) != shape:
+        raise ComfyFormatError(f"{where}: marker orig_shape {marker['orig_shape']} != stored weight shape {shape}")
+    _warn_unusual_scale_shape(ckpt.path, scale_key, stored[SCALE_SUFFIX], fmt, qw, shape)
+    for key, grid in ((scale_key, qw.scale), (name + SCALE2_SUFFIX, qw.scale2)):
+        if grid is not None and (not bool(torch.isfinite(grid).all()) or bool((grid < 0).any())):
+            raise ComfyFormatError(f"{ckpt.path}: tensor {key!r}: scales must be finite and non-negative")
     input_scale = _validated_input_scale(ckpt, input_key, small)
     if source == "legacy" and input_scale is not None and input_scale.numel() == 1 and float(input_scale) == 1.0:
         input_scale = None  # ComfyUI drops a legacy unit input scale
     orig_dtype = parse_dtype_name(marker["orig_dtype"], where) if "orig_dtype" in marker else None
-    ckpt.consumed.update(k for k in (weight_key, scale_key, input_key) if k in ckpt.entries)
-    return ComfyLayer(name, fmt, spec, shape, grid, block_size, marker, source, orig_dtype, input_scale)
+    ckpt.consumed.update(k for k in (weight_key, scale_key, name + SCALE2_SUFFIX, input_key) if k in ckpt.entries)
+    return ComfyLayer(
+        name,
+        comfy_name,
+        fmt,
+        shape,
+        qw.scale,
+        qw.block_size,
+        marker,
+        source,
+        orig_dtype,
+        input_scale,
+        scale2=qw.scale2,
+        stored=stored,
+    )
+
+
+def _warn_unusual_scale_shape(
+    path: Path, key: str, stored: torch.Tensor, fmt: WeightFormat, qw: QuantizedWeight, shape: tuple[int, int]
+) -> None:
+    """Warn when a scale of several values is stored in another shape than the format writes (e.g. a 1-D ``[out]``
+    per-row INT8 scale): lrq_ao reads it, but ComfyUI's dequantize broadcasts the stored shape as it is (an error or
+    wrong weights)."""
+    written = fmt.comfy_tensor_specs(shape)[SCALE_SUFFIX][1]
+    if stored.numel() > 1 and tuple(stored.shape) != tuple(written):
+        groups = _group_words(qw.block_size, shape)
+        warnings.warn(
+            f"{path}: tensor {key!r}: {stored.dim()}-D {groups} {fmt.element.name} scale {list(stored.shape)}; read "
+            f"as {groups}, but ComfyUI's dequantize broadcasts it as stored (error or wrong weights); rewrite it as "
+            f"{list(written)}",
+            stacklevel=4,
+        )
+
+
+def _group_words(block_size: tuple[int, int], shape: tuple[int, int]) -> str:
+    if tuple(block_size) == tuple(shape):
+        return "per-tensor"
+    if tuple(block_size) == (1, shape[1]):
+        return "per-row"
+    return f"{block_size[0]}x{block_size[1]}-block"
 
 
 def _validated_input_scale(ckpt: ComfyCheckpoint, key: str, small: dict[str, torch.Tensor]) -> torch.Tensor | None:
     if key not in small:
         return None
     value = small[key]
-    if not value.dtype.is_floating_point or value.dtype in (FP8_DTYPE, torch.float8_e5m2):
+    if not value.dtype.is_floating_point or value.dtype.itemsize == 1:
         raise ComfyFormatError(f"{ckpt.path}: tensor {key!r}: input scale must be a float tensor, got {value.dtype}")
     if not bool(torch.isfinite(value).all()) or bool((value <= 0).any()):
         raise ComfyFormatError(f"{ckpt.path}: tensor {key!r}: input scale must be finite and positive")
@@ -430,8 +520,9 @@ def _validated_input_scale(ckpt: ComfyCheckpoint, key: str, small: dict[str, tor
 
 def _reject_orphan_scales(ckpt: ComfyCheckpoint) -> None:
     for key in ckpt.entries:
-        if key.endswith(SCALE_SUFFIX) and key not in ckpt.consumed:
-            layer = key[: -len(SCALE_SUFFIX)]
+        suffix = next((s for s in (SCALE_SUFFIX, SCALE2_SUFFIX) if key.endswith(s)), None)
+        if suffix is not None and key not in ckpt.consumed:
+            layer = key[: -len(suffix)]
             raise ComfyFormatError(
                 f"{ckpt.path}: tensor {key!r} has no quantization marker: add '{layer}{MARKER_SUFFIX}' or a "
                 f"{METADATA_KEY} header entry for {layer!r}"
@@ -444,10 +535,11 @@ def _reject_orphan_scales(ckpt: ComfyCheckpoint) -> None:
 
 
 def _weight_tensor(layer: ComfyLayer, dtype: torch.dtype | None, act, kernel) -> torch.Tensor:
-    from lrq_ao.layouts import make_weight_tensor
+    from lrq_ao.layouts import weight_tensor
 
     hp_dtype = dtype or layer.orig_dtype or DEFAULT_DTYPE
-    return make_weight_tensor(layer.qdata, layer.scale, layer.block_size, hp_dtype, act=act, kernel=kernel)
+    name = layer.name + WEIGHT_SUFFIX
+    return weight_tensor(layer.weight_format, layer.quantized_weight, hp_dtype, act=act, kernel=kernel, name=name)
 
 
 def load_comfy(

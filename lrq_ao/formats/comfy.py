@@ -44,8 +44,15 @@ MarkerTest = Callable[[dict[str, Any]], bool]
 READERS: dict[str, Reader] = {}
 # Readers of one ComfyUI name that apply only to markers their test accepts (tried before the plain reader).
 VARIANTS: dict[str, list[tuple[MarkerTest, Reader]]] = {}
-# Formats ComfyUI knows that lrq_ao cannot represent, with the reason (so the reader says so instead of "unknown").
-UNSUPPORTED: dict[str, str] = {}
+# Formats ComfyUI (core or the QuantOps node) knows that no lrq_ao format file reads, with the reason, so the reader
+# says so instead of "unknown". A format file that registers a reader for one of these names removes it from here.
+UNSUPPORTED: dict[str, str] = {
+    "float8_e5m2": "lrq_ao stores FP8 weights as e4m3fn only",
+    "mxfp8": "no lrq_ao format reads MXFP8 (E8M0 block-32 scales)",
+    "nvfp4": "no lrq_ao format reads NVFP4 (4-bit E2M1 with E4M3 block-16 scales)",
+    "convrot_w4a4": "no lrq_ao format reads 4-bit ConvRot",
+    "asym_w4a8_int8": "no lrq_ao format reads 4-bit W4A8 codebook weights",
+}
 
 
 def register_reader(comfy_name: str, reader: Reader, when: MarkerTest | None = None) -> None:

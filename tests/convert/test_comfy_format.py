@@ -1,4 +1,5 @@
-"""ComfyUI format mapping: names, stored scale shapes, and the exact bytes of the JSON markers and header."""
+"""The ComfyUI container: format names, stored scale shapes (written through ``layer_tensors``, read back through
+the formats' registered readers), and the exact bytes of the JSON markers and header."""
 
 from __future__ import annotations
 
@@ -8,22 +9,19 @@ import pytest
 import torch
 
 from lrq_ao.convert.comfy_format import (
-    COMFY_FORMATS,
     ComfyFormatError,
-    comfy_format_for,
     decode_marker,
     encode_marker,
-    get_comfy_format,
-    is_stock,
+    layer_marker,
     layer_tensors,
-    make_marker,
     metadata_header,
     parse_dtype_name,
     parse_metadata_header,
-    scale_from_comfy,
-    scale_to_comfy,
 )
-from lrq_ao.primitives import FORMATS, format_spec, quantize_rtn
+from lrq_ao.formats import QuantizedWeight, comfy, reader_for
+from lrq_ao.primitives import FORMATS, format_spec
+
+SHAPE = (256, 128)  # tiles every block size the markers below use
 
 # What FORMAT.md (from ComfyUI master and convert-to-quant 1.3.4) says each lrq_ao format is stored as:
 # (ComfyUI format name, stock ComfyUI loads it, stored scale shape for a (96, 64) weight with block 32).
@@ -44,46 +42,55 @@ def test_every_lrq_format_has_a_comfy_format():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_format_name_stock_flag_and_scale_shape(name):
     comfy_name, stock, scale_shape = EXPECTED[name]
-    spec = format_spec(name, 32)
+    fmt = format_spec(name, 32)
     w = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
-    _, scale, _ = quantize_rtn(w, spec)
-    assert comfy_format_for(spec).name == comfy_name
-    assert is_stock(spec) is stock
-    stored = scale_to_comfy(scale, spec, w.shape)
+    tensors, marker = layer_tensors("m", fmt, fmt.quantize(w))
+    assert marker["format"] == fmt.comfy_name == comfy_name
+    assert fmt.stock is stock
+    stored = tensors["m.weight_scale"]
     assert tuple(stored.shape) == scale_shape
     assert stored.dtype == torch.float32 and stored.is_contiguous()
+    # what a plan lays out before quantizing is exactly what is written
+    written = {k[1:]: (t.dtype, tuple(t.shape)) for k, t in tensors.items() if k != "m.comfy_quant"}
+    assert fmt.comfy_tensor_specs((96, 64)) == written
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 @pytest.mark.parametrize("shape", [(96, 64), (1, 64), (64, 32), (9, 41)])
 def test_scale_round_trip_is_exact(name, shape):
-    spec = format_spec(name, 32)
-    if spec.granularity == "block" and (shape[0] % 32 or shape[1] % 32):
+    fmt = format_spec(name, 32)
+    if fmt.refusal(shape) is not None:
+        assert fmt.has_blocks and (shape[0] % 32 or shape[1] % 32)
         with pytest.raises(ValueError, match="cannot tile"):
-            spec.block_size_for(shape)
+            fmt.block_size_for(shape)
         return
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 3
-    qdata, scale, block_size = quantize_rtn(w, spec)
-    _, marker = layer_tensors("m", qdata, scale, spec)
-    stored = scale_to_comfy(scale, spec, shape)
-    spec_back, grid, block_back = scale_from_comfy(
-        stored, COMFY_FORMATS[marker["format"]], shape, marker.get("group_size")
-    )
-    assert torch.equal(grid, scale)
-    assert block_back == block_size
-    assert (spec_back.qdtype, spec_back.granularity) == (spec.qdtype, spec.granularity)
+    qw = fmt.quantize(w)
+    tensors, marker = layer_tensors("m", fmt, qw)
+    by_suffix = {k[1:]: t for k, t in tensors.items()}
+    fmt_back, qw_back = reader_for(marker["format"])(marker, by_suffix, "m")
+    assert torch.equal(qw_back.scale, qw.scale)
+    assert qw_back.block_size == qw.block_size
+    assert torch.equal(qw_back.qdata.view(torch.uint8), qw.qdata.view(torch.uint8))
+    assert fmt_back == fmt
+
+
+def _read(comfy_name, scale, weight_shape, marker_extra=None, name="m"):
+    """Read one layer of ComfyUI format ``comfy_name`` with the given stored scale (zero codes)."""
+    dtype = torch.int8 if comfy_name.startswith("int8") else torch.float8_e4m3fn
+    tensors = {".weight": torch.zeros(weight_shape, dtype=dtype), ".weight_scale": scale}
+    marker = {"format": comfy_name, **(marker_extra or {})}
+    return reader_for(comfy_name)(marker, tensors, name)
 
 
 def test_block_size_inferred_when_marker_lacks_group_size():
-    fmt = COMFY_FORMATS["int8_blockwise"]
-    spec, grid, block_size = scale_from_comfy(torch.ones(2, 4), fmt, (128, 256), None)
-    assert block_size == (64, 64) and spec.block == 64 and grid.shape == (2, 4)
+    fmt, qw = _read("int8_blockwise", torch.ones(2, 4), (128, 256))
+    assert qw.block_size == (64, 64) and fmt.block == 64 and qw.scale.shape == (2, 4)
 
 
 def test_scalar_scale_also_accepted_as_one_element_vector():
-    fmt = COMFY_FORMATS["float8_e4m3fn"]
-    _, grid, block_size = scale_from_comfy(torch.tensor([0.5]), fmt, (8, 16))
-    assert block_size == (8, 16) and grid.shape == (1, 1) and grid.item() == 0.5
+    _, qw = _read("float8_e4m3fn", torch.tensor([0.5]), (8, 16))
+    assert qw.block_size == (8, 16) and qw.scale.shape == (1, 1) and qw.scale.item() == 0.5
 
 
 @pytest.mark.parametrize(
@@ -97,20 +104,21 @@ def test_scalar_scale_also_accepted_as_one_element_vector():
     ],
 )
 def test_misshapen_scale_is_rejected_with_its_name(comfy_name, scale_shape, group_size, message):
+    extra = {} if group_size is None else {"group_size": group_size}
     with pytest.raises(ComfyFormatError, match=message) as info:
-        scale_from_comfy(torch.ones(scale_shape), COMFY_FORMATS[comfy_name], (64, 128), group_size, "blk.weight_scale")
+        _read(comfy_name, torch.ones(scale_shape), (64, 128), extra, name="blk")
     assert "blk.weight_scale" in str(info.value)
 
 
 def test_integer_scale_is_rejected():
     with pytest.raises(ComfyFormatError, match="not a float scale"):
-        scale_from_comfy(torch.ones((), dtype=torch.int32), COMFY_FORMATS["float8_e4m3fn"], (4, 4))
+        _read("float8_e4m3fn", torch.ones((), dtype=torch.int32), (4, 4))
 
 
 def test_one_dim_int8_row_scale_is_read_as_per_row():
     # Some tools write [out]; stock ComfyUI fails on it in the forward, lrq_ao can still read it.
-    spec, grid, block_size = scale_from_comfy(torch.arange(1.0, 5.0), COMFY_FORMATS["int8_tensorwise"], (4, 8))
-    assert spec.granularity == "row" and block_size == (1, 8) and torch.equal(grid[:, 0], torch.arange(1.0, 5.0))
+    fmt, qw = _read("int8_tensorwise", torch.arange(1.0, 5.0), (4, 8))
+    assert fmt.name == "int8" and qw.block_size == (1, 8) and torch.equal(qw.scale[:, 0], torch.arange(1.0, 5.0))
 
 
 # Golden bytes: what ComfyUI's state_dict() and convert-to-quant 1.3.4 write for the same settings
@@ -143,7 +151,7 @@ GOLDEN_MARKERS = [
 
 @pytest.mark.parametrize("name,kwargs,golden", GOLDEN_MARKERS)
 def test_marker_bytes_are_golden(name, kwargs, golden):
-    tensor = encode_marker(make_marker(format_spec(name), **kwargs))
+    tensor = encode_marker(layer_marker(format_spec(name), SHAPE, **kwargs))
     assert tensor.dtype == torch.uint8 and tensor.dim() == 1
     assert tensor.numpy().tobytes() == golden
     # ComfyUI reads it with json.loads(tensor.numpy().tobytes()).
@@ -180,13 +188,13 @@ REFERENCE_TOOL_MARKERS = [
 
 @pytest.mark.parametrize("name,kwargs,golden", REFERENCE_TOOL_MARKERS)
 def test_marker_bytes_match_the_reference_tool(name, kwargs, golden):
-    assert encode_marker(make_marker(format_spec(name, 64), **kwargs)).numpy().tobytes() == golden
+    assert encode_marker(layer_marker(format_spec(name, 64), SHAPE, **kwargs)).numpy().tobytes() == golden
 
 
 def test_header_bytes_are_golden_and_entries_equal_markers():
     markers = {
-        "double_blocks.0.img_attn.qkv": make_marker(format_spec("fp8"), orig_dtype=torch.bfloat16),
-        "txt_in": make_marker(format_spec("int8_block", 64)),
+        "double_blocks.0.img_attn.qkv": layer_marker(format_spec("fp8"), SHAPE, orig_dtype=torch.bfloat16),
+        "txt_in": layer_marker(format_spec("int8_block", 64), SHAPE),
     }
     header = metadata_header(markers)
     assert header == (
@@ -200,9 +208,8 @@ def test_header_bytes_are_golden_and_entries_equal_markers():
 
 
 def test_layer_tensors_holds_exactly_the_comfy_keys():
-    spec = format_spec("fp8")
-    qdata, scale, _ = quantize_rtn(torch.randn(16, 32), spec)
-    tensors, marker = layer_tensors("blk.lin", qdata, scale, spec, input_scale=1.0)
+    fmt = format_spec("fp8")
+    tensors, marker = layer_tensors("blk.lin", fmt, fmt.quantize(torch.randn(16, 32)), input_scale=1.0)
     assert sorted(tensors) == ["blk.lin.comfy_quant", "blk.lin.input_scale", "blk.lin.weight", "blk.lin.weight_scale"]
     assert tensors["blk.lin.weight"].dtype == torch.float8_e4m3fn
     assert tensors["blk.lin.input_scale"].shape == () and tensors["blk.lin.input_scale"].dtype == torch.float32
@@ -219,12 +226,13 @@ def test_layer_tensors_holds_exactly_the_comfy_keys():
     ],
 )
 def test_layer_tensors_rejects_bad_input(kwargs, message):
-    spec = format_spec("fp8")
-    qdata, scale, _ = quantize_rtn(torch.randn(16, 32), spec)
-    args = {"layer": "blk.lin", "qdata": qdata, "scale": scale, **kwargs}
+    fmt = format_spec("fp8")
+    qw = fmt.quantize(torch.randn(16, 32))
+    args = {"layer": "blk.lin", "qdata": qw.qdata, "scale": qw.scale, **kwargs}
     input_scale = args.pop("input_scale", None)
+    bad = QuantizedWeight(args["qdata"], args["scale"], qw.block_size)
     with pytest.raises(ComfyFormatError, match=message):
-        layer_tensors(args["layer"], args["qdata"], args["scale"], spec, input_scale=input_scale)
+        layer_tensors(args["layer"], fmt, bad, input_scale=input_scale)
 
 
 @pytest.mark.parametrize(
@@ -239,7 +247,6 @@ def test_layer_tensors_rejects_bad_input(kwargs, message):
         (b'{"format": "int8_blockwise", "group_size": true}', "group_size"),
         (b'{"format": "float8_e4m3fn", "full_precision_matrix_mult": 1}', "full_precision_matrix_mult"),
         (b'{"format": "float8_e4m3fn", "orig_shape": [4]}', "orig_shape"),
-        (b'{"format": "int8_tensorwise", "convrot": true}', "ConvRot"),
         (b'{"format": "float8_e4m3fn", "params": 3}', "params"),
     ],
 )
@@ -263,11 +270,37 @@ def test_nested_params_group_size_is_read():
     assert marker == {"format": "int8_blockwise", "group_size": 64}
 
 
+def test_convrot_marker_keys_pass_validation():
+    # ConvRot markers are int8_tensorwise with two more keys; the int8_tensorwise reader routes them.
+    raw = b'{"format": "int8_tensorwise", "convrot": true, "convrot_groupsize": 16}'
+    marker = decode_marker(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    assert marker == {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 16}
+
+
+# Every quantization format name ComfyUI core (QUANT_ALGOS) or the ComfyUI-QuantOps node knows (FORMAT.md).
+COMFYUI_FORMAT_NAMES = (
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "int8_tensorwise",
+    "mxfp8",
+    "nvfp4",
+    "convrot_w4a4",
+    "asym_w4a8_int8",
+    "int8_blockwise",
+    "float8_e4m3fn_rowwise",
+    "float8_e4m3fn_blockwise",
+)
+
+
 def test_unknown_and_unsupported_formats_are_named():
-    with pytest.raises(ComfyFormatError, match="unknown quantization format 'int4_magic'"):
-        get_comfy_format("int4_magic", "layer 'x'")
-    with pytest.raises(ComfyFormatError, match="'nvfp4' is not supported"):
-        get_comfy_format("nvfp4")
+    with pytest.raises(ComfyFormatError, match="layer 'x': unknown quantization format 'int4_magic'"):
+        reader_for("int4_magic", "layer 'x'")
+    # A name ComfyUI knows is either read by some format file or refused as "not supported", never "unknown".
+    for name in COMFYUI_FORMAT_NAMES:
+        if name in comfy.READERS:
+            continue
+        with pytest.raises(ComfyFormatError, match=f"'{name}' is not supported: "):
+            reader_for(name)
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lrq_ao.convert.comfy_format import COMFY_FORMATS, layer_tensors, metadata_header
+from lrq_ao.convert.comfy_format import layer_tensors, metadata_header
 from lrq_ao.convert.reader import read_comfy
+from lrq_ao.formats import QuantizedWeight
 from lrq_ao.primitives import dequantize, expand_scale, format_spec, quantize_rtn, sqnr
 
 # ComfyUI master QUANT_ALGOS for the stock 8-bit formats: storage dtype and comfy-kitchen layout class.
@@ -43,7 +44,7 @@ def _write(path, names, shape, header):
         w = torch.randn(*shape, generator=torch.Generator().manual_seed(i)) * (i + 1)
         qdata, scale, block_size = quantize_rtn(w, spec)
         layer = f"blocks.{i}.proj"
-        layer_sd, markers[layer] = layer_tensors(layer, qdata, scale, spec)
+        layer_sd, markers[layer] = layer_tensors(layer, spec, QuantizedWeight(qdata, scale, block_size))
         tensors.update(layer_sd)
         expected[layer] = (w, qdata, scale, block_size)
     save_file(tensors, str(path), metadata={"_quantization_metadata": metadata_header(markers)} if header else None)
@@ -173,11 +174,11 @@ def test_every_format_we_write_reads_back_as_the_independent_dequantization(tmp_
     dequantization computed directly from the file's tensors."""
     path = tmp_path / "model.safetensors"
     spec = format_spec(name, 32)
-    qdata, scale, _ = quantize_rtn(torch.randn(64, 96, generator=torch.Generator().manual_seed(3)), spec)
-    tensors, marker = layer_tensors("lin", qdata, scale, spec)
+    qw = spec.quantize(torch.randn(64, 96, generator=torch.Generator().manual_seed(3)))
+    tensors, marker = layer_tensors("lin", spec, qw)
     save_file(tensors, str(path))
     layer = read_comfy(path).load_layer("lin")
-    assert layer.comfy_format is COMFY_FORMATS[marker["format"]]
+    assert layer.comfy_name == marker["format"] == spec.comfy_name and layer.weight_format == spec
     reference = _independent_dequant(tensors["lin.weight"], tensors["lin.weight_scale"], marker["format"], 32)
     # Products of an 8-bit value and a float32 scale are exact in float64, so one rounding to float32 must agree.
     assert torch.equal(layer.dequantize(torch.float32), reference.float())

@@ -96,7 +96,7 @@ def _layer_file(name: str, options: dict) -> bytes:
     fmt = get_format(name, 8) if get_format(name).has_blocks else get_format(name)
     w = torch.randn(72, 64, generator=torch.Generator().manual_seed(3)) * 0.02
     qw = fmt.quantize(w)
-    tensors, marker = cf.layer_tensors("blocks.0.lin", qw.qdata, qw.scale, fmt, **options)
+    tensors, marker = cf.layer_tensors("blocks.0.lin", fmt, qw, **options)
     return save(tensors, metadata={cf.METADATA_KEY: cf.metadata_header({"blocks.0.lin": marker})})
 
 

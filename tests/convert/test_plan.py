@@ -46,7 +46,7 @@ def test_output_layout_is_exact(flux_ckpt):
     e = entries["double_blocks.0.img_attn.qkv.weight"]
     assert (e.dtype, e.shape) == ("I8", (192, 64))
     assert entries["double_blocks.0.img_attn.qkv.weight_scale"].shape == (192, 1)
-    marker = cf.marker_json(cf.make_marker(plan.quantized[0].spec)).encode()
+    marker = cf.marker_json(cf.layer_marker(plan.quantized[0].weight_format, (192, 64))).encode()
     assert entries["double_blocks.0.img_attn.qkv.comfy_quant"].shape == (len(marker),)
     # Contiguous, no holes: each entry starts where the previous ended.
     offset = 0
@@ -59,8 +59,11 @@ def test_block_fallback_is_stated_in_plan_and_metadata(flux_ckpt):
     plan = _plan(flux_ckpt, format="int8_blockwise", block_size=64)
     t = _by_name(plan)
     fb = t["single_blocks.0.linear1.weight"]
-    assert fb.format == "int8_tensorwise" and fb.spec.granularity == "row"
-    assert "cannot tile shape [96, 64]" in fb.fallback
+    assert fb.format == "int8_tensorwise" and fb.weight_format.name == "int8" and fb.spec is fb.weight_format
+    assert fb.fallback == (
+        "requested int8_blockwise block 64 cannot tile shape [96, 64]; wrote int8_tensorwise (row-wise) instead"
+    )
+    assert "multiples of 64" in fb.fallback_why  # the format's own explanation
     ok = t["double_blocks.0.img_mlp.0.weight"]
     assert ok.format == "int8_blockwise" and ok.fallback is None
     header = json.loads(plan.metadata[cf.METADATA_KEY])["layers"]

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from lrq_ao.convert.comfy_format import ComfyFormatError, layer_tensors, metadata_header
 from lrq_ao.convert.reader import load_comfy, load_comfy_into, read_comfy
+from lrq_ao.formats import QuantizedWeight
 from lrq_ao.primitives import dequantize, format_spec, quantize_rtn, sqnr
 
 ALL_FORMATS = ["fp8", "fp8_row", "fp8_block", "int8", "int8_tensor", "int8_block"]
@@ -28,7 +29,9 @@ def _ours(path, formats=ALL_FORMATS, header=True, block=32):
     for i, name in enumerate(formats):
         spec = format_spec(name, block)
         qdata, scale, block_size = quantize_rtn(_weight(seed=i), spec)
-        layer_sd, markers[f"blocks.{i}.lin"] = layer_tensors(f"blocks.{i}.lin", qdata, scale, spec)
+        layer_sd, markers[f"blocks.{i}.lin"] = layer_tensors(
+            f"blocks.{i}.lin", spec, QuantizedWeight(qdata, scale, block_size)
+        )
         tensors.update(layer_sd)
         tensors[f"blocks.{i}.lin.bias"] = torch.randn(64)
         expected[f"blocks.{i}.lin"] = (qdata, scale, block_size)
@@ -160,8 +163,7 @@ def test_legacy_scaled_fp8_file_is_migrated(tmp_path):
 
 def _one_layer(fmt="fp8"):
     spec = format_spec(fmt, 32)
-    qdata, scale, _ = quantize_rtn(_weight(), spec)
-    tensors, _ = layer_tensors("blk.lin", qdata, scale, spec)
+    tensors, _ = layer_tensors("blk.lin", spec, spec.quantize(_weight()))
     return tensors
 
 
@@ -288,7 +290,7 @@ def test_nonfinite_scale(tmp_path):
     _expect_error(path, "'blk.lin.weight_scale'", "finite")
 
 
-@pytest.mark.parametrize("name", ["int4_magic", "nvfp4"])
+@pytest.mark.parametrize("name", ["int4_magic", "float8_e5m2"])
 def test_unknown_format(tmp_path, name):
     path = tmp_path / "bad.safetensors"
     tensors = _one_layer()
@@ -445,7 +447,8 @@ def _block_file(path, prefix="", formats=("int8", "fp8"), header=True):
         linear = getattr(reference, layer)
         spec = format_spec(fmt, 32)
         qdata, scale, block_size = quantize_rtn(linear.weight, spec)
-        layer_sd, markers[prefix + layer] = layer_tensors(prefix + layer, qdata, scale, spec, orig_dtype=torch.float32)
+        qw = QuantizedWeight(qdata, scale, block_size)
+        layer_sd, markers[prefix + layer] = layer_tensors(prefix + layer, spec, qw, orig_dtype=torch.float32)
         tensors.update(layer_sd)
         linear.weight.copy_(dequantize(qdata, scale, block_size))
     for key in ("proj_in.bias", "norm.weight", "norm.bias"):
