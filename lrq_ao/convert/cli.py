@@ -20,6 +20,7 @@ from lrq_ao.convert.plan import (
     custom_format_warning,
     custom_formats,
     describe_plan,
+    format_aliases,
     load_layer_config,
     parse_size,
 )
@@ -46,6 +47,8 @@ Formats (--format, or --int8 / --scaling_mode):
 A layer a block format cannot tile falls back to the row-wise format of the same dtype; the report and the file's
 metadata name every fallback.
 """
+# Every name --format takes, from the format registry (lrq_ao.formats), so a new format file shows up here too.
+DESCRIPTION += "Every --format name: " + ", ".join(FORMAT_ALIASES) + "\n"
 
 EPILOG = """\
 examples:
@@ -130,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = p.add_argument_group("format")
     fmt.add_argument(
         "--format",
-        choices=list(FORMAT_ALIASES),
+        choices=list(format_aliases()),
         metavar="NAME",
         help="explicit output format (overrides --int8/--scaling_mode); see the table above",
     )
@@ -194,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--custom-format",
         "--custom-type",
         "--custom_type",
-        choices=list(FORMAT_ALIASES),
+        choices=list(format_aliases()),
         metavar="NAME",
         dest="custom_format",
         help="format for --custom-layers",

@@ -52,7 +52,7 @@ def format_aliases() -> dict[str, str]:
     return aliases
 
 
-FORMAT_ALIASES = format_aliases()
+FORMAT_ALIASES = format_aliases()  # as registered at import; the functions below ask the registry each time
 # --max-shard-size units: decimal like Hugging Face's "5GB", binary with an "i".
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
@@ -86,9 +86,10 @@ def shard_paths(target: str | Path, count: int) -> tuple[Path, list[Path]]:
 def parse_format(name: str, block: int) -> WeightFormat:
     """A ``--format`` value (ComfyUI name or lrq_ao name) as a format object, with ``block`` applied where the
     format has blocks; ``ValueError`` if unknown."""
-    if name not in FORMAT_ALIASES:
-        raise ValueError(f"unknown format {name!r}; choose one of {', '.join(FORMAT_ALIASES)}")
-    fmt = FORMATS[FORMAT_ALIASES[name]]
+    aliases = format_aliases()
+    if name not in aliases:
+        raise ValueError(f"unknown format {name!r}; choose one of {', '.join(aliases)}")
+    fmt = FORMATS[aliases[name]]
     return get_format(fmt, block) if fmt.has_blocks else fmt
 
 
@@ -126,8 +127,8 @@ def load_layer_config(path: str | Path) -> tuple[LayerRule, ...]:
                 raise ValueError(f"{where} is not a valid regex: {e}") from e
         fmt = settings.get("format")
         skip = bool(settings.get("skip", False))
-        if not skip and fmt not in FORMAT_ALIASES:
-            raise ValueError(f'{where} needs "skip": true or a format among {", ".join(FORMAT_ALIASES)}')
+        if not skip and fmt not in format_aliases():
+            raise ValueError(f'{where} needs "skip": true or a format among {", ".join(format_aliases())}')
         block = settings.get("block_size")
         if block is not None and block not in BLOCK_SIZES:
             raise ValueError(f"{where}: block_size must be 32, 64, 128 or 256, got {block!r}")
