@@ -16,9 +16,25 @@ from torchao.core.config import AOBaseConfig
 from lrq_ao.formats import FORMATS, WeightFormat, get_format
 
 CONFIG_VERSION = 1
-# block_size values a format with blocks accepts. A format without blocks ignores block_size, but accepts these
-# too, so that configs written before (which always carried one, 128 by default) still load.
+# block_size values a config takes (a format with blocks may accept fewer: its own check runs too). A format without
+# blocks ignores block_size but accepts these, so that configs written before (which always carried one) still load.
 BLOCK_SIZES = (32, 64, 128, 256)
+DEFAULT_BLOCK_SIZE = 128
+
+
+def format_with_block(fmt: WeightFormat, block_size: int) -> WeightFormat:
+    """``fmt`` with ``block_size`` applied where the format has blocks (``get_format``). The default block size
+    given to a format with blocks whose own choices exclude it means the format's own default (ConvRot's rotation
+    group 256); any other value the format refuses raises its ``ValueError``."""
+    if not fmt.has_blocks:
+        return fmt
+    try:
+        return get_format(fmt, block_size)
+    except ValueError:
+        if block_size == DEFAULT_BLOCK_SIZE:
+            return fmt
+        raise
+
 
 # ``auto`` and the names of ``lrq_ao.rounding.objectives.OBJECTIVE_KINDS``, the table every other site asks. Spelled
 # out here because the rounding package imports this module; tests/rounding/test_objectives.py checks they agree.
@@ -83,7 +99,7 @@ class LearnedRoundingConfig(AOBaseConfig):
     """
 
     format: str = "fp8"
-    block_size: int = 128
+    block_size: int = DEFAULT_BLOCK_SIZE
     activation: str = "weight_only"
     activation_quant: str = "exact"
     kernel: str = "auto"
@@ -150,14 +166,13 @@ class LearnedRoundingConfig(AOBaseConfig):
             raise ValueError(
                 f"LearnedRoundingConfig.block_size must be 32, 64, 128 or 256 {what}, got {self.block_size}"
             )
-        if fmt.has_blocks:
-            get_format(fmt, self.block_size)  # the format's own checks (ValueError)
+        format_with_block(fmt, self.block_size)  # the format's own checks (ValueError)
 
     @property
     def weight_format(self) -> WeightFormat:
-        """The format object of ``format``, with ``block_size`` applied where the format has blocks."""
-        fmt = FORMATS[self.format]
-        return get_format(fmt, self.block_size) if fmt.has_blocks else fmt
+        """The format object of ``format``, with ``block_size`` applied where the format has blocks
+        (see :func:`format_with_block`)."""
+        return format_with_block(FORMATS[self.format], self.block_size)
 
     @property
     def spec(self) -> WeightFormat:

@@ -90,6 +90,12 @@ class RoundedWeight:
         return cls(qw, dict(result.report or {}), getattr(result, "bias_delta", None))
 
 
+def _layer_config(plan: ConversionPlan, tp: TensorPlan) -> LearnedRoundingConfig:
+    """The layer's rounding config; the run's own where learned rounding does not handle the format (it is then
+    not used, and a format's block, e.g. a ConvRot group of 16, need not be a ``LearnedRoundingConfig`` value)."""
+    return plan.layer_config(tp) if learned_rounding_supports(tp.weight_format) else plan.options.rounding
+
+
 def round_weight(w: torch.Tensor, fmt: WeightFormat, config: LearnedRoundingConfig, name: str, stats: Any):
     """One weight rounded as ``config`` says (``lrq_ao.rounding.quantize_weight``), or to nearest by ``fmt`` itself
     where learned rounding does not handle the format yet (the report says so)."""
@@ -147,7 +153,7 @@ def layer_output(
         objective_before=_float_or_none(rep.get("objective_rtn")),
         objective_after=_float_or_none(rep.get("objective_final")),
         seconds=seconds + time.perf_counter() - t0,
-        fallback=tp.fallback if tp.fallback is None else f"{tp.fallback}: {tp.fallback_why}",
+        fallback=tp.full_fallback,
         rounding={k: v for k, v in rep.items() if isinstance(v, (int, float, str, bool)) and k != "name"},
     )
     return tensors, record
@@ -472,7 +478,7 @@ def _round_waiting(
     waiting.clear()
     for members in groups.values():
         t0 = time.perf_counter()
-        fmt, config = members[0][0].weight_format, plan.layer_config(members[0][0])
+        fmt, config = members[0][0].weight_format, _layer_config(plan, members[0][0])
         if learned_rounding_supports(fmt):
             results = quantize_weights([w for _, w in members], config, names=[tp.name for tp, _ in members])
         else:
@@ -502,7 +508,7 @@ def _run_one(
     tensors, record = quantize_layer(
         info,
         tp,
-        plan.layer_config(tp),
+        _layer_config(plan, tp),
         device=run.device,
         stats=_stats_for(run.calibration, tp.layer),
         full_precision_matrix_mult=plan.options.full_precision_matrix_mult,

@@ -9,6 +9,7 @@ several workers agree on who converts which layer.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lrq_ao.config import LearnedRoundingConfig
+from lrq_ao.config import BLOCK_SIZES, LearnedRoundingConfig, format_with_block
 from lrq_ao.convert import comfy_format as cf
 from lrq_ao.convert.presets import COMMON_KEEP, Preset, detect_preset, first_match, resolve_preset
 from lrq_ao.convert.stream import (
@@ -30,11 +31,10 @@ from lrq_ao.convert.stream import (
     layout_entries,
     read_tensor,
 )
-from lrq_ao.formats import FORMATS, WeightFormat, get_format
+from lrq_ao.formats import FORMATS, WeightFormat
 
 PLAN_VERSION = 1
 MIN_QUANT_DIM = 16  # layers thinner than this gain nothing from 8-bit and some kernels refuse them
-BLOCK_SIZES = (32, 64, 128, 256)  # --block-size / --layer-config block_size, for formats with blocks
 
 # Spellings kept from earlier lrq-convert versions that name one of several formats sharing a ComfyUI name.
 EXTRA_ALIASES = {"int8_tensorwise_row": "int8", "int8_tensorwise_tensor": "int8_tensor"}
@@ -89,8 +89,7 @@ def parse_format(name: str, block: int) -> WeightFormat:
     aliases = format_aliases()
     if name not in aliases:
         raise ValueError(f"unknown format {name!r}; choose one of {', '.join(aliases)}")
-    fmt = FORMATS[aliases[name]]
-    return get_format(fmt, block) if fmt.has_blocks else fmt
+    return format_with_block(FORMATS[aliases[name]], block)
 
 
 @dataclass(frozen=True)
@@ -196,6 +195,11 @@ class TensorPlan:
         return self.weight_format
 
     @property
+    def full_fallback(self) -> str | None:
+        """``fallback`` and, where separate, the format's ``fallback_why`` (for the plan table and the report)."""
+        return self.fallback if self.fallback_why is None else f"{self.fallback}: {self.fallback_why}"
+
+    @property
     def outputs(self) -> tuple[str, ...]:
         if self.action == "remove":
             return ()
@@ -264,7 +268,8 @@ class ConversionPlan:
         return (json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n").encode()
 
     def layer_config(self, tp: TensorPlan) -> LearnedRoundingConfig:
-        """The rounding config for one quantized layer: the run's config with this layer's format."""
+        """The rounding config for one quantized layer: the run's config with this layer's format (for the formats
+        learned rounding handles; see ``engine.learned_rounding_supports``)."""
         fmt = tp.weight_format
         block = fmt.block if fmt.has_blocks else LearnedRoundingConfig.block_size
         return replace(self.options.rounding, format=fmt.name, block_size=block)
@@ -344,23 +349,46 @@ def decide(info: TensorInfo, options: ConvertOptions, preset: Preset, nonfinite:
 
 def _with_fallback(tp: TensorPlan, fmt: WeightFormat, shape: tuple[int, ...]) -> TensorPlan:
     """``tp`` quantized to ``fmt``, or, where ``fmt.refusal(shape)`` says it cannot store the weight, to the
-    format's ``fallback()`` (stated in ``fallback`` / ``fallback_why``). A weight that neither can store stays
-    high-precision, with both formats' reasons."""
+    format's fallback (``fallback`` says what was written instead, ``fallback_why`` is the format's own reason).
+    A weight that neither can store stays high-precision, with both formats' reasons."""
     why = fmt.refusal(shape)
     if why is None:
         return _quantized(tp, fmt, shape)
-    fallback = getattr(fmt, "fallback", None)
-    final = fallback() if fallback is not None else None
+    final = fallback_format(fmt, shape)
     final_why = "it has no fallback format" if final is None else final.refusal(shape)
     if final_why is not None:
-        return replace(
-            tp, action="keep", layer=None, reason=f"format {fmt.describe()} cannot store it: {why}; {final_why}"
-        )
-    note = (
-        f"requested {fmt.comfy_name}{_block_words(fmt)} cannot tile shape {list(shape)}; "
-        f"wrote {final.comfy_name} ({_group_words(final.block_size_for(shape), shape)}) instead"
-    )
+        reason = f"format {fmt.describe()} cannot store it: {why}; {final_why}"
+        return replace(tp, action="keep", layer=None, reason=reason)
+    note = fallback_note(fmt, final, shape)
+    # A format's own fallback_reason already says why; otherwise its refusal is the why.
+    why = None if getattr(fmt, "fallback_reason", None) is not None else why
     return replace(_quantized(tp, final, shape), fallback=note, fallback_why=why)
+
+
+def fallback_format(fmt: WeightFormat, shape: tuple[int, ...]) -> WeightFormat | None:
+    """What ``fmt.fallback`` gives for a weight of ``shape`` (formats whose choice depends on the shape take it,
+    e.g. ConvRot's smaller rotation group), or ``None`` for a format without one."""
+    fallback = getattr(fmt, "fallback", None)
+    if fallback is None:
+        return None
+    return fallback(shape) if inspect.signature(fallback).parameters else fallback()
+
+
+def fallback_note(fmt: WeightFormat, final: WeightFormat, shape: tuple[int, ...]) -> str:
+    """One line for the plan, the report and the file's ``lrq_ao`` metadata: the format's own
+    ``fallback_reason(shape)`` where it has one, else "requested <name> cannot tile shape [N, K]; wrote <name>
+    (<group shape>) instead" (names are ComfyUI names where they name one format, as earlier versions wrote)."""
+    reason = getattr(fmt, "fallback_reason", None)
+    if reason is not None:
+        return reason(shape)
+    return (
+        f"requested {_note_name(fmt)}{_block_words(fmt)} cannot tile shape {list(shape)}; "
+        f"wrote {_note_name(final)} ({_group_words(final.block_size_for(shape), shape)}) instead"
+    )
+
+
+def _note_name(fmt: WeightFormat) -> str:
+    return fmt.comfy_name if format_aliases().get(fmt.comfy_name) == fmt.name else fmt.name
 
 
 def _quantized(tp: TensorPlan, fmt: WeightFormat, shape: tuple[int, ...]) -> TensorPlan:
@@ -506,7 +534,7 @@ def describe_plan(plan: ConversionPlan) -> str:
         what = t.format if t.action == "quantize" else t.action
         lines.append(f"  {t.name:<{width}}  {info.dtype:>5} {str(list(info.shape)):>16}  {what:<24} {t.reason}")
         if t.fallback:
-            lines.append(f"  {'':<{width}}  FALLBACK: {t.fallback}: {t.fallback_why}")
+            lines.append(f"  {'':<{width}}  FALLBACK: {t.full_fallback}")
     nq = len(plan.quantized)
     lines += [
         "",

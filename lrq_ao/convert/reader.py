@@ -427,8 +427,9 @@ def _validate_layer(
     ckpt: ComfyCheckpoint, name: str, marker: dict[str, Any], source: str, small: dict[str, torch.Tensor]
 ) -> ComfyLayer:
     """Check one layer with what every format shares (weight present, 2-D, non-empty, of a dtype the format's
-    name stores, a scale present), then with the format's own reader (on a meta weight: no data is read), then
-    the scales it returns (finite, non-negative) and the marker's ``orig_shape`` against the logical shape."""
+    name stores, a scale present), then with the format's own reader (on zero codes standing in for the weight:
+    no weight data is read here; ``load_layers`` runs the reader again on the data), then the scales it returns
+    (finite, non-negative) and the marker's ``orig_shape`` against the logical shape."""
     where = f"{ckpt.path}: layer {name!r}"
     comfy_name = marker["format"]
     reader_for(comfy_name, where)  # an unknown or unsupported format is named before anything else
@@ -452,8 +453,8 @@ def _validate_layer(
     stored = {SCALE_SUFFIX: small[scale_key]}
     if name + SCALE2_SUFFIX in small:
         stored[SCALE2_SUFFIX] = small[name + SCALE2_SUFFIX]
-    meta_weight = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
-    fmt, qw = _run_reader(ckpt.path, name, marker, source, {WEIGHT_SUFFIX: meta_weight, **stored})
+    zeros = torch.zeros((), dtype=weight.dtype).expand(weight.shape)  # stands in for the unread data (a view)
+    fmt, qw = _run_reader(ckpt.path, name, marker, source, {WEIGHT_SUFFIX: zeros, **stored})
     shape = logical_shape(fmt, qw)
     if "orig_shape" in marker and tuple(marker["orig_shape"]) != shape:
         raise ComfyFormatError(f"{where}: marker orig_shape {marker['orig_shape']} != stored weight shape {shape}")

@@ -8,8 +8,8 @@ A reader is ``reader(marker, tensors, where) -> (WeightFormat, QuantizedWeight)`
 ``.comfy_quant`` JSON object, ``tensors`` the layer's stored tensors by suffix (``.weight``, ``.weight_scale``,
 ``.weight_scale_2`` where present), ``where`` the layer name for messages. It raises ``ComfyFormatError`` naming
 the tensor for anything that does not follow the format. While a file is validated (``lrq_ao.convert.reader``'s
-``read_comfy``, which reads no weight data), ``.weight`` is a meta tensor of the stored dtype and shape: a reader
-checks dtype and shape on it and reads only the values of the scales; loading the layer calls it again with the data.
+``read_comfy``, which reads no weight data), ``.weight`` holds zero codes of the stored dtype and shape (a broadcast
+view); loading the layer calls the reader again with the data, so checks of the weight's values bite then.
 
 One ComfyUI name can carry several lrq_ao formats told apart by a marker key (``int8_tensorwise`` with
 ``"convrot": true`` is ConvRot, without it plain INT8): a format file registers such a *variant* reader with
