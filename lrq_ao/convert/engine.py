@@ -46,9 +46,12 @@ class RunOptions:
 def chunked_sqnr(w: torch.Tensor, fmt: WeightFormat, qw: QuantizedWeight) -> float:
     """``primitives.sqnr(w, fmt.dequantize_original(qw))``, summed in float64 over row chunks so memory stays
     bounded: the scale grid is first spread to one row per weight row, so a chunk of rows is a weight of its own
-    with ``block_size`` ``(1, bk)`` (exact for every format whose dequantization is per-block, as the base's is)."""
+    with ``block_size`` ``(1, bk)`` (exact for every format whose dequantization is per-block, as the base's is).
+    A weight with ``extra`` tensors (laid out as only its format knows) is measured whole."""
     n, k = w.shape
     bn, bk = qw.block_size
+    if qw.extra:
+        return _sqnr_db(w.double(), fmt.dequantize_original(qw, torch.float32).double())
     row_scale = qw.scale.repeat_interleave(bn, dim=0)  # (N, K // bk): small for every layout
     rows = max(1, SQNR_CHUNK_ELEMENTS // max(k, 1))
     sig = err = 0.0
@@ -59,9 +62,23 @@ def chunked_sqnr(w: torch.Tensor, fmt: WeightFormat, qw: QuantizedWeight) -> flo
         approx = fmt.dequantize_original(part, torch.float32).double()
         sig += float(ref.square().sum())
         err += float((ref - approx).square().sum())
+    return _db(sig, err)
+
+
+def _sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    return _db(float(ref.square().sum()), float((ref - approx).square().sum()))
+
+
+def _db(sig: float, err: float) -> float:
     if err == 0:
         return math.inf
     return 10 * math.log10(sig / err) if sig > 0 else -math.inf
+
+
+def _on_cpu(qw: QuantizedWeight) -> QuantizedWeight:
+    scale2 = None if qw.scale2 is None else qw.scale2.cpu()
+    extra = {k: v.cpu() for k, v in qw.extra.items()}
+    return QuantizedWeight(qw.qdata.cpu(), qw.scale.cpu(), qw.block_size, scale2, extra)
 
 
 def learned_rounding_supports(fmt: WeightFormat) -> bool:
@@ -142,7 +159,7 @@ def layer_output(
         )
     fmt, qw = tp.weight_format, result.qw
     sqnr_db = chunked_sqnr(w, fmt, qw)
-    qw = QuantizedWeight(qw.qdata.cpu(), qw.scale.cpu(), qw.block_size, None if qw.scale2 is None else qw.scale2.cpu())
+    qw = _on_cpu(qw)
     tensors, _ = cf.layer_tensors(tp.layer, fmt, qw, full_precision_matrix_mult=full_precision_matrix_mult)
     rep = result.report
     record = LayerRecord(

@@ -87,9 +87,10 @@ class ComfyLayer:
 
     ``comfy_name`` is the marker's format; ``weight_format`` the lrq_ao format its reader read the layer as
     (``spec`` is the older name); ``shape`` the logical ``(out, in)``. ``scale`` (the float32 2-D grid
-    ``(N // bn, K // bk)``), ``scale2`` and ``block_size`` are the :class:`~lrq_ao.formats.QuantizedWeight`'s;
-    ``qdata`` is filled by :meth:`ComfyCheckpoint.load_layer`. ``source`` is ``"marker"``, ``"header"`` or
-    ``"legacy"``. ``stored`` keeps the layer's small stored tensors by suffix, to hand the reader with the weight.
+    ``(N // bn, K // bk)``), ``scale2``, ``extra`` and ``block_size`` are the
+    :class:`~lrq_ao.formats.QuantizedWeight`'s; ``qdata`` is filled by :meth:`ComfyCheckpoint.load_layer`. ``source``
+    is ``"marker"``, ``"header"`` or ``"legacy"``. ``stored`` keeps the layer's other stored tensors by suffix (all
+    ``<layer>.weight_*``), to hand the reader with the weight.
     """
 
     name: str
@@ -104,6 +105,7 @@ class ComfyLayer:
     input_scale: torch.Tensor | None = None
     qdata: torch.Tensor | None = None
     scale2: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     stored: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -123,7 +125,7 @@ class ComfyLayer:
         """The layer as its format's ``QuantizedWeight`` (needs :meth:`ComfyCheckpoint.load_layer` first)."""
         if self.qdata is None:
             raise ComfyFormatError(f"{self.name}.weight: data not loaded; use ComfyCheckpoint.load_layer first")
-        return QuantizedWeight(self.qdata, self.scale, self.block_size, self.scale2)
+        return QuantizedWeight(self.qdata, self.scale, self.block_size, self.scale2, self.extra)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight in the model's basis, exactly as the format defines it (``fmt.dequantize_original``: decoded
@@ -387,10 +389,22 @@ def _scale_keys(name: str, source: str) -> tuple[str, str]:
     return name + SCALE_SUFFIX, name + INPUT_SCALE_SUFFIX
 
 
+def _layer_keys(entries: dict[str, TensorEntry], name: str, source: str) -> dict[str, str]:
+    """A layer's stored tensors besides its weight data, suffix -> key: every ``<name>.weight_*`` tensor (the
+    scales, and whatever else its format stores, e.g. ``.weight_s_channel``), a legacy ``.scale_weight`` as
+    ``.weight_scale``."""
+    prefix = name + WEIGHT_SUFFIX + "_"
+    keys = {k[len(name) :]: k for k in entries if k.startswith(prefix) and "." not in k[len(prefix) :]}
+    if source == "legacy" and name + LEGACY_SCALE_SUFFIX in entries:
+        keys[SCALE_SUFFIX] = name + LEGACY_SCALE_SUFFIX
+    return keys
+
+
 def _small_keys(entries: dict[str, TensorEntry], markers: dict) -> set[str]:
     keys = set()
     for name, (_, source) in markers.items():
-        keys.update(k for k in (*_scale_keys(name, source), name + SCALE2_SUFFIX) if k in entries)
+        keys.update(_layer_keys(entries, name, source).values())
+        keys.update(k for k in _scale_keys(name, source)[1:] if k in entries)
     return keys
 
 
@@ -448,25 +462,24 @@ def _validate_layer(
     if 0 in weight.shape:
         raise ComfyFormatError(f"{ckpt.path}: tensor {weight_key!r}: empty weight of shape {list(weight.shape)}")
     scale_key, input_key = _scale_keys(name, source)
-    if scale_key not in small:
-        raise ComfyFormatError(f"{where}: format {comfy_name} needs tensor {scale_key!r}, which is missing")
-    stored = {SCALE_SUFFIX: small[scale_key]}
-    if name + SCALE2_SUFFIX in small:
-        stored[SCALE2_SUFFIX] = small[name + SCALE2_SUFFIX]
+    layer_keys = _layer_keys(ckpt.entries, name, source)
+    stored = {suffix: small[key] for suffix, key in layer_keys.items()}
     zeros = torch.zeros((), dtype=weight.dtype).expand(weight.shape)  # stands in for the unread data (a view)
     fmt, qw = _run_reader(ckpt.path, name, marker, source, {WEIGHT_SUFFIX: zeros, **stored})
     shape = logical_shape(fmt, qw)
     if "orig_shape" in marker and tuple(marker["orig_shape"]) != shape:
         raise ComfyFormatError(f"{where}: marker orig_shape {marker['orig_shape']} != stored weight shape {shape}")
-    _warn_unusual_scale_shape(ckpt.path, scale_key, stored[SCALE_SUFFIX], fmt, qw, shape)
-    for key, grid in ((scale_key, qw.scale), (name + SCALE2_SUFFIX, qw.scale2)):
+    if SCALE_SUFFIX in stored:
+        _warn_unusual_scale_shape(ckpt.path, scale_key, stored[SCALE_SUFFIX], fmt, qw, shape)
+    for suffix, grid in ((SCALE_SUFFIX, qw.scale), (SCALE2_SUFFIX, qw.scale2)):
         if grid is not None and (not bool(torch.isfinite(grid).all()) or bool((grid < 0).any())):
-            raise ComfyFormatError(f"{ckpt.path}: tensor {key!r}: scales must be finite and non-negative")
+            what = f"tensor {layer_keys[suffix]!r}" if suffix in layer_keys else f"layer {name!r}"
+            raise ComfyFormatError(f"{ckpt.path}: {what}: scales must be finite and non-negative")
     input_scale = _validated_input_scale(ckpt, input_key, small)
     if source == "legacy" and input_scale is not None and input_scale.numel() == 1 and float(input_scale) == 1.0:
         input_scale = None  # ComfyUI drops a legacy unit input scale
     orig_dtype = parse_dtype_name(marker["orig_dtype"], where) if "orig_dtype" in marker else None
-    ckpt.consumed.update(k for k in (weight_key, scale_key, name + SCALE2_SUFFIX, input_key) if k in ckpt.entries)
+    ckpt.consumed.update(k for k in (weight_key, *layer_keys.values(), input_key) if k in ckpt.entries)
     return ComfyLayer(
         name,
         comfy_name,
@@ -479,6 +492,7 @@ def _validate_layer(
         orig_dtype,
         input_scale,
         scale2=qw.scale2,
+        extra=dict(qw.extra),
         stored=stored,
     )
 

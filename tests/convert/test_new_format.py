@@ -141,8 +141,9 @@ def test_load_comfy_hands_the_format_and_its_weight_to_layouts(toy_registered, f
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_every_registered_format_converts_and_verifies(name, flux_ckpt, tmp_path, capsys):
     """Each format of the registry, by its lrq_ao name: the CLI writes it, --verify reloads every layer through the
-    format's own reader and matches the SQNR the converter recorded (float64, against the input weight), and every
-    fallback the report states is also in the file's metadata."""
+    format's own reader and matches the SQNR the converter recorded (float64, against the input weight), every
+    fallback the report states is also in the file's metadata, and load_comfy's tensors dequantize exactly as the
+    reader does."""
     out, report = tmp_path / "out.safetensors", tmp_path / "r.json"
     with pytest.raises(SystemExit) as info:
         main(
@@ -162,3 +163,7 @@ def test_every_registered_format_converts_and_verifies(name, flux_ckpt, tmp_path
     ckpt = read_comfy(out)
     written = {n for n, layer in ckpt.layers.items() if layer.weight_format == format_with_block(FORMATS[name], 64)}
     assert written and written == set(ckpt.layers) - set(stated)
+    # load_comfy builds each layer's lrq_ao tensor from the same (format, QuantizedWeight) the reader returns.
+    state = load_comfy(out, dtype=torch.float32)
+    for layer in ckpt.load_layers():
+        assert torch.equal(state[layer.name + ".weight"].dequantize().float(), layer.dequantize(torch.float32))
