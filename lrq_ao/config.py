@@ -18,7 +18,7 @@ from lrq_ao.formats import FORMATS, WeightFormat, get_format
 CONFIG_VERSION = 1
 # block_size values a config takes (a format with blocks may accept fewer: its own check runs too). A format without
 # blocks ignores block_size but accepts these, so that configs written before (which always carried one) still load.
-BLOCK_SIZES = (32, 64, 128, 256)
+BLOCK_SIZES = (16, 32, 64, 128, 256, 1024)
 DEFAULT_BLOCK_SIZE = 128
 
 
@@ -164,7 +164,7 @@ class LearnedRoundingConfig(AOBaseConfig):
         if self.block_size not in BLOCK_SIZES:
             what = f"for format {fmt.name}" if fmt.has_blocks else f"(format {fmt.name} has no blocks and ignores it)"
             raise ValueError(
-                f"LearnedRoundingConfig.block_size must be 32, 64, 128 or 256 {what}, got {self.block_size}"
+                f"LearnedRoundingConfig.block_size must be one of {BLOCK_SIZES} {what}, got {self.block_size}"
             )
         format_with_block(fmt, self.block_size)  # the format's own checks (ValueError)
 

@@ -81,15 +81,6 @@ def _on_cpu(qw: QuantizedWeight) -> QuantizedWeight:
     return QuantizedWeight(qw.qdata.cpu(), qw.scale.cpu(), qw.block_size, scale2, extra)
 
 
-def learned_rounding_supports(fmt: WeightFormat) -> bool:
-    """Whether ``lrq_ao.rounding`` rounds ``fmt``. TEMPORARY, until rounding takes every ``WeightFormat``: it
-    rounds the 8-bit scaled formats (those ``lrq_ao.primitives.FORMATS`` lists, which its ``config.spec`` reads);
-    every other format is rounded to nearest by the format itself (``fmt.quantize``)."""
-    from lrq_ao.primitives import FORMATS as ROUNDED_FORMATS
-
-    return ROUNDED_FORMATS.get(fmt.name) is not None
-
-
 @dataclass
 class RoundedWeight:
     """What ``layer_output`` needs of a rounding result: the quantized weight, the rounding's report and any bias
@@ -103,25 +94,15 @@ class RoundedWeight:
     def of(cls, result: Any) -> RoundedWeight:
         if isinstance(result, RoundedWeight):
             return result
-        qw = QuantizedWeight(result.qdata, result.scale, result.block_size, getattr(result, "scale2", None))
-        return cls(qw, dict(result.report or {}), getattr(result, "bias_delta", None))
-
-
-def _layer_config(plan: ConversionPlan, tp: TensorPlan) -> LearnedRoundingConfig:
-    """The layer's rounding config; the run's own where learned rounding does not handle the format (it is then
-    not used, and a format's block, e.g. a ConvRot group of 16, need not be a ``LearnedRoundingConfig`` value)."""
-    return plan.layer_config(tp) if learned_rounding_supports(tp.weight_format) else plan.options.rounding
+        return cls(result.quantized_weight(), dict(result.report or {}), getattr(result, "bias_delta", None))
 
 
 def round_weight(w: torch.Tensor, fmt: WeightFormat, config: LearnedRoundingConfig, name: str, stats: Any):
-    """One weight rounded as ``config`` says (``lrq_ao.rounding.quantize_weight``), or to nearest by ``fmt`` itself
-    where learned rounding does not handle the format yet (the report says so)."""
-    if learned_rounding_supports(fmt):
-        from lrq_ao.rounding import quantize_weight
+    """One weight rounded as ``config`` says (``lrq_ao.rounding.quantize_weight``; a format learned rounding cannot
+    choose codes for is rounded to nearest and its report says why)."""
+    from lrq_ao.rounding import quantize_weight
 
-        return RoundedWeight.of(quantize_weight(w, config, name=name, stats=stats))
-    report = {"objective": "rtn", "note": f"learned rounding does not handle {fmt.name} yet: rounded to nearest"}
-    return RoundedWeight(fmt.quantize(w, name), report)
+    return RoundedWeight.of(quantize_weight(w, config, name=name, stats=stats))
 
 
 def quantize_layer(
@@ -495,11 +476,8 @@ def _round_waiting(
     waiting.clear()
     for members in groups.values():
         t0 = time.perf_counter()
-        fmt, config = members[0][0].weight_format, _layer_config(plan, members[0][0])
-        if learned_rounding_supports(fmt):
-            results = quantize_weights([w for _, w in members], config, names=[tp.name for tp, _ in members])
-        else:
-            results = [round_weight(w, fmt, config, tp.name, None) for tp, w in members]
+        config = plan.layer_config(members[0][0])
+        results = quantize_weights([w for _, w in members], config, names=[tp.name for tp, _ in members])
         seconds = (time.perf_counter() - t0) / len(members)
         for (tp, w), result in zip(members, results):
             info = plan.source.tensors[tp.name]
@@ -525,7 +503,7 @@ def _run_one(
     tensors, record = quantize_layer(
         info,
         tp,
-        _layer_config(plan, tp),
+        plan.layer_config(tp),
         device=run.device,
         stats=_stats_for(run.calibration, tp.layer),
         full_precision_matrix_mult=plan.options.full_precision_matrix_mult,

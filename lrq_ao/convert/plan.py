@@ -268,8 +268,8 @@ class ConversionPlan:
         return (json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n").encode()
 
     def layer_config(self, tp: TensorPlan) -> LearnedRoundingConfig:
-        """The rounding config for one quantized layer: the run's config with this layer's format (for the formats
-        learned rounding handles; see ``engine.learned_rounding_supports``)."""
+        """The rounding config for one quantized layer: the run's config with this layer's format (and its block:
+        the ``*_block`` edge, or the ConvRot rotation group)."""
         fmt = tp.weight_format
         block = fmt.block if fmt.has_blocks else LearnedRoundingConfig.block_size
         return replace(self.options.rounding, format=fmt.name, block_size=block)

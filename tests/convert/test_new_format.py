@@ -117,7 +117,7 @@ def test_a_registered_format_is_written_by_the_cli_and_read_back(toy_registered,
         ckpt.load_layer(name)
         assert torch.equal(layer.dequantize(torch.float32), _stored_dequant(out, name).float())
     record = next(r for r in rep["layers"] if r["layer"] == "double_blocks.0.img_mlp.0")
-    assert "rounded to nearest" in record["rounding"]["note"]  # learned rounding does not take this format yet
+    assert record["rounding"]["objective"] == "rtn"  # no --calib: round-to-nearest, through the same rounding engine
 
 
 def test_load_comfy_hands_the_format_and_its_weight_to_layouts(toy_registered, flux_ckpt, tmp_path, monkeypatch):
