@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from lrq_ao.config import INITS, OBJECTIVES, OPTIMIZERS, RELAXATIONS, SCHEDULES, LearnedRoundingConfig
+from lrq_ao.config import BLOCK_SIZES, INITS, OBJECTIVES, OPTIMIZERS, RELAXATIONS, SCHEDULES, LearnedRoundingConfig
 from lrq_ao.convert.plan import (
     FORMAT_ALIASES,
     ConvertOptions,
@@ -44,6 +44,11 @@ Formats (--format, or --int8 / --scaling_mode):
   float8_e4m3fn_rowwise    FP8, one scale per row           ComfyUI-QuantOps node only (--scaling_mode row)
   float8_e4m3fn_blockwise  FP8, block x block scales        ComfyUI-QuantOps node only (--scaling_mode block)
   int8_blockwise           INT8, block x block scales       ComfyUI-QuantOps node only (--int8 --scaling_mode block)
+  int8_convrot             INT8 ConvRot (Hadamard-rotated)  loads in stock ComfyUI, runs W8A8 (--convrot)
+  mxfp8                    FP8, E8M0 scale per 32 inputs    loads in stock ComfyUI (Blackwell-native)
+  nvfp4                    FP4 E2M1, FP8 scale per 16       loads in stock ComfyUI (Blackwell-native)
+  convrot_w4a4             INT4 ConvRot, scale per row      loads in stock ComfyUI
+  w4a8 (asym_w4a8_int8)    4-bit codebook ConvRot           ComfyUI with the asym_w4a8_int8 loader
 A layer a block format cannot tile falls back to the row-wise format of the same dtype; the report and the file's
 metadata name every fallback.
 """
@@ -150,14 +155,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="scale granularity (default: tensor for FP8, row for INT8)",
     )
     fmt.add_argument(
+        "--convrot",
+        action="store_true",
+        help="INT8 ConvRot (int8_convrot): weights rotated by a block-diagonal Hadamard, W8A8 in stock ComfyUI; "
+        "implies --int8",
+    )
+    fmt.add_argument(
+        "--convrot_group_size",
+        "--convrot-group-size",
+        "--convrot_groupsize",
+        type=int,
+        choices=(16, 64, 256, 1024),
+        default=None,
+        dest="convrot_group_size",
+        help="ConvRot rotation group G (default 256); a layer whose input width G does not divide takes the largest "
+        "smaller group that does, else plain per-row INT8 (plan, report and metadata say which)",
+    )
+    fmt.add_argument(
         "--block_size",
         "--block-size",
         "--group_size",
         type=int,
         default=_DEFAULTS["block_size"],
         dest="block_size",
-        choices=(32, 64, 128, 256),
-        help="block edge for block-wise formats",
+        choices=BLOCK_SIZES,
+        help="block edge for block-wise formats (the rotation group for ConvRot formats)",
     )
     fmt.add_argument(
         "--full_precision_mm",
@@ -307,12 +329,24 @@ def _size_arg(text: str) -> int:
 
 def resolve_format(args: argparse.Namespace) -> str:
     """The ``--format`` name the flags ask for."""
+    if args.convrot or args.convrot_group_size is not None:
+        if args.format and args.format != "int8_convrot":
+            raise ValueError(f"--convrot writes int8_convrot; it cannot be combined with --format {args.format}")
+        if args.scaling_mode not in (None, "row"):
+            raise ValueError("--convrot is per-row INT8 after the rotation; drop --scaling_mode")
+        return "int8_convrot"
     if args.format:
         return args.format
     mode = args.scaling_mode or ("row" if args.int8 else "tensor")
     if args.int8:
         return {"tensor": "int8_tensorwise_tensor", "row": "int8_tensorwise", "block": "int8_blockwise"}[mode]
     return {"tensor": "float8_e4m3fn", "row": "float8_e4m3fn_rowwise", "block": "float8_e4m3fn_blockwise"}[mode]
+
+
+def _block_size(args: argparse.Namespace) -> int:
+    """``--convrot-group-size`` where given (the ConvRot formats' block is their rotation group), else
+    ``--block-size``."""
+    return args.convrot_group_size if args.convrot_group_size is not None else args.block_size
 
 
 def rounding_config_from_args(args: argparse.Namespace) -> LearnedRoundingConfig:
@@ -330,14 +364,14 @@ def rounding_config_from_args(args: argparse.Namespace) -> LearnedRoundingConfig
         min_k=args.min_k,
         max_k=args.max_k,
         seed=max(args.manual_seed, 0),
-        block_size=args.block_size,
+        block_size=_block_size(args),
     )
 
 
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     return ConvertOptions(
         format=resolve_format(args),
-        block_size=args.block_size,
+        block_size=_block_size(args),
         preset=args.preset,
         exclude_layers=args.exclude_layers,
         custom_layers=args.custom_layers,
