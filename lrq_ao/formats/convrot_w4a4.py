@@ -65,6 +65,9 @@ LINEAR_DTYPES = ("int4", "int8")  # kitchen's Params.linear_dtype values (how th
 class Int4LowFirst(IntElement):
     """Signed INT4 codes -7..7 (int8 in memory), packed two a byte with the even column in the low nibble."""
 
+    nibble_values = tuple(float(v) for v in (*range(8), *range(-8, 0)))  # two's complement nibbles
+    even_code_high = False
+
     def __init__(self) -> None:
         super().__init__("int4_lo", bits=4, storage_dtype=torch.int8, kernel_dtype=None)
 
