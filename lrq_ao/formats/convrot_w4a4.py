@@ -26,8 +26,9 @@ loaded by ``comfy/ops.py``). Follows comfy-kitchen 0.2.40 ``tensor/convrot_w4a4.
   with ``output_dtype`` = the model's compute dtype): bit-identical on CPU.
 * Activations: kitchen quantizes the rotated activation per token itself (INT4, ``amax / 7``). Its CUDA backend
   runs native INT4 MMA only on sm_8x (and Turing sm_75 for large batches); Hopper, Blackwell and
-  ``linear_dtype: "int8"`` take per-token INT8 activations against the INT4 weight instead. lrq_ao has no kernel
-  for packed INT4 codes: ``kernel_dtype`` is ``None`` and the dequantizing path runs it.
+  ``linear_dtype: "int8"`` take per-token INT8 activations against the INT4 weight instead. lrq_ao has no W4A4
+  kernel: ``kernel_dtype`` is ``None`` (no 8-bit kernel takes the codes); weight-only linears run on the packed codes
+  in ``lrq_ao.kernels.packed_gemm`` (from ``Int4LowFirst.nibble_values`` / ``even_code_high``) or dequantize.
 * ComfyUI tensors: ``.weight`` I8 ``[out, in / 2]``, ``.weight_scale`` F32 ``[out]`` (1-D; kitchen's CUDA backend
   declares a 1-D scale). Marker ``{"format": "convrot_w4a4", "convrot_groupsize": G}``, the keys ComfyUI's
   ``_quantized_weight_state_dict`` writes (``linear_dtype`` only when not ``"int4"``). ComfyUI reads
@@ -64,6 +65,9 @@ LINEAR_DTYPES = ("int4", "int8")  # kitchen's Params.linear_dtype values (how th
 
 class Int4LowFirst(IntElement):
     """Signed INT4 codes -7..7 (int8 in memory), packed two a byte with the even column in the low nibble."""
+
+    nibble_values = tuple(float(v) for v in (*range(8), *range(-8, 0)))  # two's complement nibbles
+    even_code_high = False
 
     def __init__(self) -> None:
         super().__init__("int4_lo", bits=4, storage_dtype=torch.int8, kernel_dtype=None)
@@ -160,13 +164,13 @@ class ConvRotW4A4Format(ConvRotation):
         return (
             "format convrot_w4a4 has no dynamic activation quantization in lrq_ao: W4A4 needs INT4 tensor-core MMA "
             "(comfy-kitchen uses it on sm_75/sm_8x only; on Hopper it runs INT8 activations instead), "
-            "and lrq_ao has no kernel for packed INT4 codes; use activation='weight_only' (ComfyUI quantizes the "
+            "and lrq_ao has no W4A4 kernel; use activation='weight_only' (ComfyUI quantizes the "
             "activations itself)"
         )
 
     @property
     def kernel_dtype(self) -> None:
-        """``None``: only the dequantizing path runs packed INT4 codes in lrq_ao."""
+        """``None``: no 8-bit kernel takes packed INT4 codes (the packed weight-only kernel reads the element)."""
         return None
 
     # ---- ComfyUI --------------------------------------------------------------------------------------------

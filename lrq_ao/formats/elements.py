@@ -29,6 +29,10 @@ class Element:
     qmax: largest representable magnitude.
     kernel_dtype: the torch dtype lrq_ao's 8-bit kernels and ``torch._scaled_mm`` consume, or ``None`` when codes
         must be decoded first (packed types).
+    nibble_values: for a packed 4-bit element, the value each stored nibble ``0..15`` decodes to (``decode`` of what
+        ``unpack`` makes of it), else ``None``; a kernel decodes the packed codes from this, not from the name.
+    even_code_high: for a packed 4-bit element, whether column ``2j`` of a row sits in the high nibble of byte ``j``
+        (``False``: the low nibble), else ``None``.
     """
 
     name: str
@@ -36,6 +40,8 @@ class Element:
     storage_dtype: torch.dtype
     qmax: float
     kernel_dtype: torch.dtype | None = None
+    nibble_values: tuple[float, ...] | None = None
+    even_code_high: bool | None = None
 
     # ---- the grid ---------------------------------------------------------------------------------------------
 

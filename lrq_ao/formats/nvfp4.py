@@ -77,6 +77,8 @@ class FP4E2M1(Element):
     storage_dtype = torch.uint8
     qmax = E2M1_MAX
     kernel_dtype = None
+    nibble_values = _MAGNITUDES + tuple(-m for m in _MAGNITUDES)  # code = sign << 3 | index
+    even_code_high = True
 
     def _lut(self, device: torch.device) -> torch.Tensor:
         magnitudes = torch.tensor(_MAGNITUDES, dtype=torch.float32, device=device)

@@ -9,6 +9,7 @@ on first use (``lrq_ao.layouts.triton_backends`` decides which quantized weight 
 * ``row_gemm``: per-row W8A8 GEMM (INT8 / FP8) with scales and bias fused in the epilogue.
 * ``block_gemm``: block-wise W8A8 GEMM (INT8 / FP8), rescaled per K block.
 * ``weight_only_gemm``: bf16 activations x INT8 / FP8 weights dequantized inside the GEMM.
+* ``packed_gemm``: bf16 activations x packed 4-bit weights (NVFP4, ConvRot W4A4) decoded inside the GEMM.
 * ``scaled_mm``: ``torch._scaled_mm`` as the FP8 linears call it (cuBLAS; no Triton, imported by both FP8 paths).
 * ``rounding_sweep``: learned rounding's GPTQ / greedy sweeps (plain launchers, used by ``lrq_ao.rounding``).
 
@@ -25,6 +26,7 @@ KERNEL_MODULES = (
     "lrq_ao.kernels.row_gemm",
     "lrq_ao.kernels.block_gemm",
     "lrq_ao.kernels.weight_only_gemm",
+    "lrq_ao.kernels.packed_gemm",
 )
 
 

@@ -10,7 +10,8 @@ holding them.
 Modules, bottom to top (no module imports one above it): ``legacy`` (old dtype-keyed spellings -> formats),
 ``activation`` (modes, reference activation quantization), ``registry`` (linear backends and their selection),
 ``base`` (the tensor class), ``ops`` (view / copy / device handlers), ``linear`` (built-in backends, matmul
-handlers), ``float8`` / ``int8`` (named classes), ``triton_backends`` (loaded lazily by the registry).
+handlers), ``float8`` / ``int8`` (named classes), ``triton_backends`` and ``packed_backends`` (loaded lazily by
+the registry).
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ tried and abandoned on failure: the choice is made from declarations, never from
 
 Selection reads dtypes, devices, static sizes (K, N) and the weight's metadata (its format above all), never the
 batch size M, which is symbolic under ``torch.compile(dynamic=True)``. The built-in backends register from
-``lrq_ao.layouts.linear``; the Triton ones from ``lrq_ao.layouts.triton_backends``, imported at the first eager
-selection or construction (``ensure_plugin_backends``), never at ``import lrq_ao``: it reaches ``lrq_ao.kernels``.
+``lrq_ao.layouts.linear``; the Triton ones from ``lrq_ao.layouts.triton_backends`` and (packed 4-bit codes)
+``lrq_ao.layouts.packed_backends``, imported at the first eager selection or construction (``ensure_plugin_backends``),
+never at ``import lrq_ao``: they reach ``lrq_ao.kernels``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from lrq_ao.layouts.activation import KernelChoice
 if TYPE_CHECKING:
     from lrq_ao.layouts.base import QuantizedWeightTensor
 
-PLUGIN_MODULES = ("lrq_ao.layouts.triton_backends",)
+PLUGIN_MODULES = ("lrq_ao.layouts.triton_backends", "lrq_ao.layouts.packed_backends")
 
 Supports = Callable[[torch.Tensor, "QuantizedWeightTensor", "torch.Tensor | None"], "str | None"]
 Run = Callable[[torch.Tensor, "QuantizedWeightTensor", "torch.Tensor | None"], torch.Tensor]
