@@ -20,15 +20,16 @@ import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lrq_ao.layouts.activation import KernelChoice
 
-if TYPE_CHECKING:
-    from lrq_ao.layouts.base import QuantizedWeightTensor
+# A quantized weight tensor (``lrq_ao.layouts.base.QuantizedWeightTensor``). Not imported, even for type checking:
+# base imports this module, and the registry needs only the tensor's attributes (fmt, kernel, act, shape).
+QuantizedWeightTensor = Any
 
 PLUGIN_MODULES = ("lrq_ao.layouts.triton_backends", "lrq_ao.layouts.packed_backends")
 
