@@ -10,8 +10,9 @@ the reader and the report ask it instead of branching on element dtypes or granu
   two-level formats, ``scale2`` (a float32 scalar); :meth:`effective_scale` is the per-block multiplier;
 * **rounding grid**: ``element.values()`` under the fixed effective scale (what learned rounding may choose);
 * **input rotation** (ConvRot): :meth:`rotate_weight` / :meth:`rotate_input` / :meth:`rotate_hessian`, identity
-  by default; quantization, rounding and ``dequantize`` work in the rotated basis, :meth:`dequantize_original`
-  returns the weight a plain ``F.linear`` needs;
+  by default, :meth:`rotate_input_float32` (the rotation lrq_ao's linears apply) and :attr:`hadamard_group` (whether
+  the fused rotate + quantize kernel implements it); quantization, rounding and ``dequantize`` work in the rotated
+  basis, :meth:`dequantize_original` returns the weight a plain ``F.linear`` needs;
 * **activation pairing**: :meth:`dynamic_activation` (which activation quantization a dynamic W8A8 linear uses);
 * **ComfyUI**: ``comfy_name``, ``stock``, :meth:`comfy_marker_fields`, :meth:`comfy_tensors`; reading goes through
   the reader the format file registers (``lrq_ao.formats.comfy.register_reader``);
@@ -207,6 +208,20 @@ class WeightFormat:
     def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
         """Activations ``(..., K)`` in the rotated basis, so ``rotate_input(x) @ rotate_weight(W).T == x @ W.T``."""
         return x
+
+    def rotate_input_float32(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`rotate_input` as lrq_ao's own linears compute it: float32, in the format's most exact and
+        reproducible arithmetic (ConvRot: a float32 butterfly that the fused Triton pass matches bit for bit, where
+        :meth:`rotate_input` follows comfy-kitchen's product in ``x``'s dtype). Default: :meth:`rotate_input` of
+        ``x.float()``."""
+        return self.rotate_input(x.float())
+
+    @property
+    def hadamard_group(self) -> int | None:
+        """``G`` when :meth:`rotate_input_float32` is the ConvRot butterfly (block-diagonal regular Hadamard of size
+        ``G``, ``lrq_ao.formats.convrot.rotate_exact``): the rotation ``lrq_ao::rotate_quant_int8`` fuses into the
+        activation quantization. ``None`` for every other format."""
+        return None
 
     def rotate_hessian(self, h: torch.Tensor) -> torch.Tensor:
         """``E[x xᵀ]`` of the rotated inputs, from ``E[x xᵀ]`` of the model's inputs."""

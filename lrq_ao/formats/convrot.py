@@ -17,8 +17,15 @@ picks another). Follows comfy-kitchen 0.2.40 (``tensor/int8_utils.py``, ``tensor
 * Dequantization: :meth:`~ConvRotFormat.dequantize` is the stored, rotated weight ``codes.float() * scale``;
   :meth:`~ConvRotFormat.dequantize_original` un-rotates it in float32 exactly as kitchen's ``dequantize`` does
   (``(codes.float() * scale).reshape(N, K / G, G) @ H.T``, float32 ``H``): bit-identical on the same device.
-* Activations: rotated online (in their own dtype, as kitchen does), then dynamic per-token INT8
-  (``amax / 127`` per row); the stored rotated codes run through the ordinary INT8 per-row kernels.
+* Activations: rotated online, then dynamic per-token INT8 (``amax / 127`` per row); the stored rotated codes run
+  through the ordinary INT8 per-row GEMMs. Two rotations of ``x``: :meth:`~ConvRotation.rotate_input` is kitchen's
+  (``torch.matmul`` with ``H`` in ``x``'s dtype), for what must match kitchen; :func:`rotate_exact` (a float32
+  radix-4 butterfly, :meth:`~ConvRotation.rotate_input_float32`) is what lrq_ao's W8A8 linears quantize, and the
+  fused Triton pass ``lrq_ao::rotate_quant_int8`` computes the same stages bit for bit (``lrq_ao.kernels.rotate_quant``
+  imports it as its reference: kernels may import formats, formats never import kernels). Quantized from bf16
+  activations the two give codes one step apart in 2-11 % of the values; the butterfly's are the more accurate.
+  Weight-only linears round the rotation to ``x``'s dtype anyway and use :meth:`~ConvRotation.rotate_input`
+  (``lrq_ao.layouts.linear`` says why).
 * ComfyUI: ``int8_tensorwise`` with marker ``{"format": "int8_tensorwise", "convrot": true,
   "convrot_groupsize": G}`` (the keys and order ComfyUI's ``_quantized_weight_state_dict`` writes; ``per_row`` is
   not written: ComfyUI neither writes nor reads it, the ``[out, 1]`` scale says per row); ``.weight`` I8
@@ -83,6 +90,47 @@ def _build_hadamard(group: int, dtype: torch.dtype, device: torch.device) -> tor
     return (h / math.sqrt(group)).to(dtype=dtype, device=device)
 
 
+def _h4_stage(y: torch.Tensor, stride: int) -> torch.Tensor:
+    """``H4`` applied along the base-4 digit of stride ``stride`` of the last axis of ``y`` (float32, flat K)."""
+    v = y.reshape(*y.shape[:-1], -1, 4, stride)
+    x0, x1, x2, x3 = v.unbind(-2)
+    s01, d01, s23, d23 = x0 + x1, x0 - x1, x2 + x3, x2 - x3
+    return torch.stack((s01 + d23, s01 - d23, d01 + s23, s23 - d01), -2).reshape(y.shape)
+
+
+def rotate_exact(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x Hblk`` in float32 for ``x`` of shape ``(..., K)``: the rotation lrq_ao's own linears apply.
+
+    A radix-4 butterfly instead of a dense product. Every entry of ``H4`` is ±1 and ``1 / sqrt(G)`` is a power of
+    two, so ``x H`` is computed as one stage per base-4 digit of the column index within the group (least
+    significant digit, stride 1, first), each applying ``H4`` to the four values ``x0..x3`` whose digit is 0..3 with
+    eight float32 additions::
+
+        s01 = x0 + x1   d01 = x0 - x1   s23 = x2 + x3   d23 = x2 - x3
+        y0 = s01 + d23  y1 = s01 - d23  y2 = d01 + s23  y3 = s23 - d01       (y = x @ H4, H4 symmetric)
+
+    then one multiplication by ``1 / sqrt(G)`` (exact but for subnormals). Every operation is one IEEE float32
+    rounding in a fixed order, so this function, compiled by Inductor or not, and the Triton pass
+    ``lrq_ao.kernels.rotate_quant`` (which implements these stages) agree bit for bit; no matmul is involved, whose
+    summation order belongs to the BLAS. ``2 log4(G)`` additions per value against ``G`` multiply-adds of
+    :meth:`ConvRotation.rotate_input`'s dense product, and within float32 rounding of the float64 product:
+    ``|err| <= 2 log4(G) 2**-24 ||x_group||_1 / sqrt(G)``.
+
+    Not comfy-kitchen's rounding: kitchen rotates with ``torch.matmul`` in ``x``'s own dtype (:meth:`rotate_input`
+    keeps that behaviour). Raises ``FormatError`` if ``group`` is not a power of 4 in ``GROUPS`` or does not divide K.
+    """
+    if group not in GROUPS:
+        raise FormatError(f"ConvRot rotation group must be one of {GROUPS}, got {group}")
+    if x.shape[-1] % group:
+        raise FormatError(f"activation has {x.shape[-1]} features, not a multiple of the ConvRot group {group}")
+    y = x.float().contiguous()
+    stride = 1
+    while stride < group:
+        y = _h4_stage(y, stride)
+        stride *= 4
+    return y * (1.0 / math.sqrt(group))
+
+
 def _per_group(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``x`` of shape ``(..., K)`` times ``h`` in each group of ``G`` consecutive columns (``x Hblk``-style)."""
     k, g = x.shape[-1], h.shape[0]
@@ -145,6 +193,16 @@ class ConvRotation(WeightFormat):
         """``x Hblk``: ``x.reshape(-1, K / G, G) @ H`` in ``x``'s dtype (kitchen's ``_rotate_activation``)."""
         self._check_k(x.shape[-1], "activation")
         return _per_group(x, self.hadamard(x.dtype, x.device))
+
+    def rotate_input_float32(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Hblk`` in float32 by the butterfly :func:`rotate_exact`: what lrq_ao's linears multiply with the
+        stored codes (bit-identical to the fused Triton pass ``lrq_ao::rotate_quant_int8``)."""
+        return rotate_exact(x, self.block)
+
+    @property
+    def hadamard_group(self) -> int:
+        """``G``: the inputs rotate by the block-diagonal regular Hadamard of :func:`rotate_exact`."""
+        return self.block
 
     def rotate_hessian(self, h: torch.Tensor) -> torch.Tensor:
         """``Hblkᵀ Σ Hblk`` (the second moment of ``x Hblk``) from ``Σ = E[xᵀ x]`` ``(K, K)``, one ``G x G``

@@ -15,9 +15,10 @@ four values ``x0..x3`` whose digit is 0..3 with the same eight float32 additions
     y0 = s01 + d23  y1 = s01 - d23  y2 = d01 + s23  y3 = s23 - d01       (y = x @ H4, H4 symmetric)
 
 then one multiplication by ``1 / sqrt(G)`` (exact but for subnormals). Each operation is a single IEEE float32
-rounding, so the kernel (compiled or interpreted) and :func:`rotate_exact` (the same stages in torch) agree bit for
-bit; no ``tl.dot`` is involved, whose accumulation order is the hardware's, and no multiply-add can be contracted
-into an FMA. (A flushed subnormal cannot change a result: the scale floor ``1e-8`` sends any value below ``2**-126``
+rounding, so the kernel (compiled or interpreted) and ``lrq_ao.formats.convrot.rotate_exact`` (the same stages in
+torch, the format's own rotation for lrq_ao's linears, imported here as the reference) agree bit for bit; no
+``tl.dot`` is involved, whose accumulation order is the hardware's, and no multiply-add can be contracted into an
+FMA. (A flushed subnormal cannot change a result: the scale floor ``1e-8`` sends any value below ``2**-126``
 to code 0.) ``2 log4(G)`` additions per value (10 for G = 1024) against ``G`` multiply-adds of a dense product. The
 butterfly is within float32 rounding of the float64 product (``|err| <= 2 log4(G) 2**-24 ||x_group||_1 / sqrt(G)``;
 measured max 4.7e-7 on values of magnitude ~4 at G = 1024, where a dense float32 matmul was off by 1.7e-6).
@@ -46,7 +47,7 @@ import triton
 import triton.language as tl
 
 from lrq_ao.formats.base import MIN_SCALE
-from lrq_ao.formats.convrot import GROUPS
+from lrq_ao.formats.convrot import GROUPS, rotate_exact
 from lrq_ao.formats.elements import INT8
 from lrq_ao.kernels._jit_helpers import max_combine, quantize_values, scale_from_amax
 from lrq_ao.kernels._runtime import check_contiguous_last, check_device, launchable
@@ -60,34 +61,11 @@ INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # ---- PyTorch reference -------------------------------------------------------------------------------------------
 
 
-def _h4_stage_torch(y: torch.Tensor, stride: int) -> torch.Tensor:
-    """Apply ``H4`` along the base-4 digit of stride ``stride`` of the last axis of ``y`` (float32, flat)."""
-    v = y.reshape(-1, 4, stride)
-    x0, x1, x2, x3 = v.unbind(1)
-    s01, d01, s23, d23 = x0 + x1, x0 - x1, x2 + x3, x2 - x3
-    return torch.stack((s01 + d23, s01 - d23, d01 + s23, s23 - d01), 1).reshape(y.shape)
-
-
 def check_group(name: str, group: int, k: int) -> None:
     if group not in GROUPS:
         raise ValueError(f"{name}: ConvRot group must be one of {GROUPS}, got {group}")
     if k % group:
         raise ValueError(f"{name}: ConvRot group {group} does not divide K={k} of x; pick a group that divides K")
-
-
-def rotate_exact(x: torch.Tensor, group: int) -> torch.Tensor:
-    """``x Hblk`` in float32 (``x`` of shape ``(..., K)``), by the butterfly of the module docstring.
-
-    Equals ``ConvRotFormat(group).rotate_input(x.float())`` up to float32 rounding (a dense product sums in another
-    order), and the Triton kernel's rotation bit for bit.
-    """
-    check_group("rotate_exact", group, x.shape[-1])
-    y = x.float().contiguous()
-    stride = 1
-    while stride < group:
-        y = _h4_stage_torch(y, stride)
-        stride *= 4
-    return y * (1.0 / math.sqrt(group))
 
 
 def rotate_quantize_activation_reference(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +76,7 @@ def rotate_quantize_activation_reference(x: torch.Tensor, group: int) -> tuple[t
     """
     if x.dim() != 2:
         raise ValueError(f"{OP_NAME}: x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    check_group(OP_NAME, group, x.shape[1])
     rotated = rotate_exact(x, group)
     scale = (rotated.abs().amax(dim=1, keepdim=True) / INT8.qmax).clamp_min(MIN_SCALE)
     return INT8.round(rotated / scale), scale

@@ -2,9 +2,27 @@
 
 Every backend asks the weight's format, never which format it is: ``fmt.kernel_dtype`` (``None``: the codes are
 dequantized, no 8-bit kernel takes them; a floating dtype: FP8 kernels; an integer one: INT8 kernels), ``scale2``
-(two-level scales: only the dequantizing paths apply them), ``fmt.rotate_input`` (``quantized_linear`` rotates the
-activations into the basis the codes are stored in before any backend runs, so the ordinary backends multiply the
-stored codes). Selection is ``lrq_ao.layouts.registry``. Built-in backends:
+(two-level scales: only the dequantizing paths apply them), ``fmt.rotate_input_float32`` and ``fmt.hadamard_group``
+(rotating formats, below). Selection is ``lrq_ao.layouts.registry``.
+
+Rotating formats (ConvRot). A backend that declares ``rotates_input`` gets ``x`` as given and rotates it itself;
+for every other backend ``quantized_linear`` first rotates ``x`` into the basis the codes are stored in
+(``fmt.rotate_input``, in ``x.dtype``), so the ordinary backends multiply the stored codes.
+
+* Dynamic (W8A8) linears of a format with a ``hadamard_group`` never take that route: rounding the rotated values
+  to bf16 before quantizing them changes about 10 % of the codes (bf16 activations with outlier channels). The
+  ConvRot backends (``torch_convrot_int_mm`` here, ``triton_convrot_w8a8`` in ``triton_backends``) and ``emulated``
+  quantize the float32 rotation ``fmt.rotate_input_float32`` (the butterfly ``formats.convrot.rotate_exact``), and
+  all of them compute the same activation codes and scales bit for bit, those of ``lrq_ao::rotate_quant_int8``.
+  The generic INT8 dynamic backends refuse such a weight.
+* Weight-only linears take it: the rotated activation is rounded to ``x.dtype`` for the GEMM whichever way it is
+  computed, and kitchen's product in ``x.dtype`` (float32 accumulation, one rounding) gives the same bf16 values as
+  the butterfly (all 196,608 equal, 64 x 3072 bf16, G = 256, CPU). The product stays because it is one batched GEMM
+  where Inductor writes each butterfly stage to its own full float32 buffer (4 for G = 256, seen in its CPU code);
+  switching needs a GPU measurement showing the butterfly no slower under ``torch.compile``. (The W8A8 TORCH
+  backend pays those buffers too; on a GPU with Triton the fused pass runs instead.)
+
+Built-in backends:
 
 * ``torch_weight_only`` (TORCH): ``F.linear(x, W.dequantize_stored(x.dtype), bias)``; runs every format everywhere
   and Inductor fuses the dequantization into the matmul's prologue. For a format without a kernel dtype this is the
@@ -17,8 +35,14 @@ stored codes). Selection is ``lrq_ao.layouts.registry``. Built-in backends:
   with the scales applied after it (cuBLAS has no row-wise kernel there); that choice is made at run time, as a guard.
 * ``torch_int_mm`` (TORCH): INT8 codes, dynamic per-token with a per-row / per-tensor weight, ``torch._int_mm`` on
   CUDA (same fusable quantization).
+* ``torch_convrot_int_mm`` (TORCH): INT8 ConvRot (``fmt.hadamard_group``), dynamic per-token: the float32
+  butterfly rotation and the exact per-token quantization in plain torch, ``torch._int_mm`` on the stored rotated
+  codes, and the epilogue of the Triton row GEMM (``acc * sx * sw + bias`` in float32, one cast). Runs on CPU too
+  (``torch._int_mm`` does): the reference the fused Triton backend is checked against bit for bit, and the product
+  path where Triton is absent.
 * ``emulated`` (EMULATED): ``lrq_ao.layouts.activation.reference_linear`` on the format's exact dequantization, the
-  float32 reference.
+  float32 reference; a rotating format's ``x`` is rotated here in float32 and the result cast to ``x.dtype`` at the
+  end.
 
 The Triton backends live in ``lrq_ao.layouts.triton_backends`` (imported at the first eager selection or
 construction, never at ``import lrq_ao``).
@@ -45,16 +69,48 @@ logger = logging.getLogger(__name__)
 
 
 def quantized_linear(x: torch.Tensor, weight: QuantizedWeightTensor, bias: torch.Tensor | None = None):
-    """``F.linear(x, weight, bias)``: select a backend, rotate ``x`` into the stored basis, run."""
+    """``F.linear(x, weight, bias)``: select a backend, rotate ``x`` into the stored basis unless the backend does it
+    itself (``LinearBackend.rotates_input``), run."""
     backend, _ = select_linear_backend(x, weight, bias)
     if not torch.compiler.is_compiling():
         logger.debug("lrq_ao linear %s %s -> %s", weight.fmt.name, tuple(weight.shape), backend.name)
+    if backend.rotates_input:
+        return backend.run(x, weight, bias)
     return backend.run(stored_basis_input(x, weight), weight, bias)
 
 
 def stored_basis_input(x: torch.Tensor, weight: QuantizedWeightTensor) -> torch.Tensor:
     """``fmt.rotate_input(x)`` in ``x.dtype`` (``x`` itself unless the format rotates)."""
     return weight.fmt.rotate_input(x).to(x.dtype)
+
+
+def is_convrot_dynamic(weight: QuantizedWeightTensor) -> bool:
+    """A dynamic linear of a format whose rotation the ConvRot backends implement (``fmt.hadamard_group``)."""
+    return weight.act.is_dynamic and weight.fmt.hadamard_group is not None
+
+
+def convrot_w8a8_refusal(x: torch.Tensor, weight: QuantizedWeightTensor) -> str | None:
+    """Why the ConvRot W8A8 backends (TORCH and TRITON) cannot run ``weight`` (``None``: they can), device aside."""
+    if weight.fmt.hadamard_group is None:
+        return f"format {weight.fmt.name} does not rotate its inputs by a block Hadamard (ConvRot)"
+    refusal = kernel_codes_refusal(weight)
+    if refusal is not None:
+        return refusal
+    if weight.fmt.kernel_dtype != torch.int8 or not weight.act.is_dynamic or weight.act.granularity != "row":
+        return "only for INT8 codes with dynamic per-token activation quantization"
+    if not is_per_tensor_or_row(weight):
+        return "needs a per-row or per-tensor weight scale"
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"activations must be bfloat16, float16 or float32, got {x.dtype}"
+    return None
+
+
+def convrot_generic_refusal(weight: QuantizedWeightTensor) -> str | None:
+    """The generic INT8 dynamic backends step aside for ConvRot: they would quantize ``x`` rotated and rounded to
+    ``x.dtype``, not the float32 rotation every ConvRot path quantizes."""
+    if is_convrot_dynamic(weight):
+        return f"format {weight.fmt.name} rotates x: the ConvRot backends quantize its float32 rotation"
+    return None
 
 
 def kernel_codes_refusal(weight: QuantizedWeightTensor) -> str | None:
@@ -101,7 +157,17 @@ def _emulated_refusal(x, weight, bias):
 
 
 def _run_emulated(x, weight, bias):
-    return reference_linear(x, weight.dequantize_stored(torch.float32), weight.fmt.kernel_dtype, weight.act, bias)
+    w = weight.dequantize_stored(torch.float32)
+    if not weight.fmt.rotates:
+        return reference_linear(x, w, weight.fmt.kernel_dtype, weight.act, bias)
+    rotated = weight.fmt.rotate_input_float32(x)  # quantized (dynamic) or multiplied as float32, never rounded first
+    return reference_linear(rotated, w, weight.fmt.kernel_dtype, weight.act, bias).to(x.dtype)
+
+
+def _emulated_note(x, weight, traced):
+    if weight.fmt.rotates:
+        return f"{weight.fmt.name}: x rotated in float32 (fmt.rotate_input_float32), float32 reference linear"
+    return None
 
 
 def is_traced_for_compile(x: torch.Tensor) -> bool:
@@ -186,7 +252,7 @@ _INT_MM_ROW_PAD = 16
 
 
 def _int_mm_refusal(x, weight, bias):
-    refusal = kernel_codes_refusal(weight)
+    refusal = kernel_codes_refusal(weight) or convrot_generic_refusal(weight)
     if refusal is not None:
         return refusal
     if codes_are_float(weight) or not weight.act.is_dynamic:
@@ -214,6 +280,47 @@ def _run_int_mm(x, weight, bias):
     return y.reshape(*x.shape[:-1], n)
 
 
+def _convrot_int_mm_refusal(x, weight, bias):
+    refusal = convrot_w8a8_refusal(x, weight)
+    if refusal is not None or x.device.type == "cpu":  # torch._int_mm runs on CPU, any shape
+        return refusal
+    n, k = weight.shape
+    if k % 8 or n % 8:
+        return f"torch._int_mm needs K and N multiples of 8, got K={k}, N={n}"
+    return _cuda_capability_refusal(x, (7, 5), "torch._int_mm")
+
+
+def _run_convrot_int_mm(x, weight, bias):
+    n, k = weight.shape
+    x2d = x.reshape(-1, k)
+    m = x2d.shape[0]
+    rotated = weight.fmt.rotate_input_float32(x2d)
+    xq, x_scale = quantize_activation_fusable(rotated, weight.fmt.kernel_dtype, weight.act)
+    acc = torch._int_mm(F.pad(xq, (0, 0, 0, _INT_MM_ROW_PAD)), weight.qdata.contiguous().t())[:m]
+    y = acc.float() * x_scale * weight.scale.reshape(1, -1)  # the Triton row GEMM's epilogue, in its order
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _convrot_int_mm_note(x, weight, traced):
+    return (
+        f"ConvRot (G={weight.fmt.hadamard_group}): float32 butterfly rotation + per-token INT8 in plain torch, then "
+        f"torch._int_mm on the stored rotated codes"
+    )
+
+
+register_linear_backend(
+    LinearBackend(
+        "torch_convrot_int_mm",
+        KernelChoice.TORCH,
+        _convrot_int_mm_refusal,
+        _run_convrot_int_mm,
+        _convrot_int_mm_note,
+        rotates_input=True,
+    ),
+    112,
+)
 register_linear_backend(
     LinearBackend("torch_scaled_mm", KernelChoice.TORCH, _scaled_mm_refusal, run_scaled_mm, scaled_mm_note), 110
 )
@@ -222,7 +329,9 @@ register_linear_backend(
     LinearBackend("torch_weight_only", KernelChoice.TORCH, _weight_only_refusal, _run_weight_only, _weight_only_note),
     100,
 )
-register_linear_backend(LinearBackend("emulated", KernelChoice.EMULATED, _emulated_refusal, _run_emulated), 0)
+register_linear_backend(
+    LinearBackend("emulated", KernelChoice.EMULATED, _emulated_refusal, _run_emulated, _emulated_note, True), 0
+)
 
 
 # ---- op handlers: every matmul spelling with a quantized operand ends in quantized_linear ---------------------

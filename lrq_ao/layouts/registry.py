@@ -44,8 +44,11 @@ class LinearBackend:
 
     supports(x, weight, bias) -> None if usable, else the reason it refuses.
     run(x, weight, bias) -> the output, shape ``(*x.shape[:-1], N)`` in ``x.dtype``. ``x`` arrives in the basis the
-        weight's codes are stored in (``weight.fmt.rotate_input`` applied for a rotating format).
+        weight's codes are stored in (``weight.fmt.rotate_input`` in ``x.dtype``, for a rotating format) unless
+        ``rotates_input``.
     note(x, weight, traced) -> an extra line for ``describe`` (the route taken for this input), or None.
+    rotates_input: the backend receives ``x`` as given and applies the format's rotation itself (fused into its
+        activation quantization, or in float32 before quantizing); otherwise ``quantized_linear`` rotates ``x`` first.
     """
 
     name: str
@@ -53,6 +56,7 @@ class LinearBackend:
     supports: Supports
     run: Run
     note: Note | None = None
+    rotates_input: bool = False
 
 
 _BACKENDS: list[tuple[int, LinearBackend]] = []
@@ -130,8 +134,17 @@ def describe_selection(x: torch.Tensor, weight: QuantizedWeightTensor, bias: tor
         lines.append(f"  under torch.compile: {traced.name}")
     notes = [backend.note(x, weight, False) if backend.note else None]
     notes.append(traced.note(x, weight, True) if traced.note else None)
+    notes += [rotation_note(x, weight, chosen) for chosen in (backend, traced)]
     lines += [f"  {n}" for i, n in enumerate(notes) if n is not None and n not in notes[:i]]
     return "\n".join(lines)
+
+
+def rotation_note(x: torch.Tensor, weight: QuantizedWeightTensor, backend: LinearBackend) -> str | None:
+    """``describe``'s line on how a rotating format's ``x`` reaches a backend that does not rotate it itself."""
+    if not weight.fmt.rotates or backend.rotates_input:
+        return None
+    dtype = str(x.dtype).removeprefix("torch.")
+    return f"{weight.fmt.name}: x rotated first (fmt.rotate_input, in {dtype}), then {backend.name}"
 
 
 def _check_linear_shapes(x: torch.Tensor, weight: QuantizedWeightTensor, bias: torch.Tensor | None) -> None:

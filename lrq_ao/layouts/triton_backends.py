@@ -10,12 +10,22 @@ dtype of the activation quantization is ``fmt.kernel_dtype``. A rotating format 
 
 | backend | weight | activations | kernel | priority |
 | --- | --- | --- | --- | --- |
+| ``triton_convrot_w8a8`` | INT8 ConvRot per-row | dynamic row | ``rotate_quant`` + ``row_gemm`` | 125 |
 | ``triton_fp8_scaled_mm`` | FP8 per-tensor / row | dynamic tensor / row | ``act_quant`` + ``_scaled_mm`` | 120 |
 | ``triton_w8a8_block`` | INT8 / FP8 block b x b | dynamic 1 x b | ``block_gemm`` | 120 |
 | ``triton_w8a8_row`` | INT8 / FP8 per-tensor / per-row | dynamic row (tensor) | ``row_gemm`` | 115 |
 | ``triton_weight_only`` | INT8 / FP8, any layout | bf16 / fp16 | ``weight_only_gemm`` | 105 |
 
-The TORCH backends of ``lrq_ao.layouts.linear`` sit at 110 (``_scaled_mm`` / ``_int_mm``) and 100 (weight-only).
+ConvRot W8A8 (a format with ``fmt.hadamard_group``, dynamic per-token): ``triton_convrot_w8a8`` gets ``x`` unrotated
+(``rotates_input``) and runs two ops, eager and compiled alike: ``lrq_ao::rotate_quant_int8`` (one read of ``x``:
+float32 butterfly rotation, row amax, int8 codes; bit-identical to ``torch_convrot_int_mm``'s plain-torch rotation
+and quantization) and ``lrq_ao::row_scaled_gemm`` on the stored rotated codes, the GEMM of ``triton_w8a8_row``. The
+rotation is never a separate pass over ``x`` in the compiled graph, and there is no in-graph variant: the rotation's
+exactness is the point. ``triton_w8a8_row`` refuses such a weight. ConvRot weight-only linears take
+``triton_weight_only`` on ``x`` rotated by ``quantized_linear``.
+
+The TORCH backends of ``lrq_ao.layouts.linear`` sit at 112 (ConvRot ``_int_mm``), 110 (``_scaled_mm`` /
+``_int_mm``) and 100 (weight-only).
 Priorities follow the H100 measurements in ``benchmarks/RESULTS.md`` (compiled single linears, plain timing):
 the Triton W8A8 row GEMM beat the ``_int_mm`` path at M >= 4608 and block-wise W8A8 has no TORCH backend, so
 those rank first. FP8 dynamic: ``triton_fp8_scaled_mm`` ranks first (it ends in the same cuBLAS call as
@@ -48,6 +58,8 @@ from lrq_ao.kernels._runtime import fp8_compute_refusal, triton_refusal
 from lrq_ao.layouts.activation import KernelChoice, quantize_activation_fusable
 from lrq_ao.layouts.linear import (
     codes_are_float,
+    convrot_generic_refusal,
+    convrot_w8a8_refusal,
     is_per_tensor_or_row,
     is_traced_for_compile,
     kernel_codes_refusal,
@@ -134,6 +146,8 @@ def _run_fp8_scaled_mm(x, weight, bias):
 def _w8a8_row_refusal(x, weight, bias):
     if not weight.act.is_dynamic:
         return "only for dynamic activation quantization"
+    if convrot_generic_refusal(weight) is not None:
+        return convrot_generic_refusal(weight)
     if weight.act.granularity not in ("row", "tensor") or not is_per_tensor_or_row(weight):
         return "takes per-token / per-tensor activations with a per-row or per-tensor weight"
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -154,6 +168,27 @@ def _run_w8a8_row(x, weight, bias):
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# ---- ConvRot W8A8: fused rotation + per-token INT8, then the row GEMM --------------------------------------------
+
+
+def _convrot_w8a8_refusal(x, weight, bias):
+    return _accept(convrot_w8a8_refusal(x, weight) or _device_refusal(x, weight))
+
+
+def _run_convrot_w8a8(x, weight, bias):
+    scale = weight.scale if weight.block_size[0] == 1 else weight.scale.reshape(1, 1)
+    xq, x_scale = torch.ops.lrq_ao.rotate_quant_int8(_as_2d(x), weight.fmt.hadamard_group)
+    y = torch.ops.lrq_ao.row_scaled_gemm(xq, x_scale, weight.qdata, scale, bias, _dtype_name(x.dtype))
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _convrot_w8a8_note(x, weight, traced):
+    return (
+        f"ConvRot (G={weight.fmt.hadamard_group}): fused rotate+quant Triton pass (lrq_ao::rotate_quant_int8), then "
+        f"INT8 row GEMM (lrq_ao::row_scaled_gemm)"
+    )
 
 
 # ---- W8A8 block-wise ----------------------------------------------------------------------------------------
@@ -239,6 +274,17 @@ def _weight_only_note(x, weight, traced):
 
 TRITON = KernelChoice.TRITON
 BACKENDS = [
+    (
+        LinearBackend(
+            "triton_convrot_w8a8",
+            TRITON,
+            _convrot_w8a8_refusal,
+            _run_convrot_w8a8,
+            _convrot_w8a8_note,
+            rotates_input=True,
+        ),
+        125,
+    ),
     (LinearBackend("triton_fp8_scaled_mm", TRITON, _fp8_scaled_mm_refusal, _run_fp8_scaled_mm, scaled_mm_note), 120),
     (LinearBackend("triton_w8a8_block", TRITON, _w8a8_block_refusal, _run_w8a8_block), 120),
     (LinearBackend("triton_w8a8_row", TRITON, _w8a8_row_refusal, _run_w8a8_row), 115),
