@@ -1,6 +1,7 @@
 """Single quantized ``nn.Linear`` (with bias) under ``torch.compile(fullgraph=True)``: lrq_ao vs bf16 vs peers.
 
     python benchmarks/bench_linear.py --shapes flux t5 --csv linear.csv
+    python benchmarks/bench_linear.py --only lrq_convrot_dq lrq_convrot_wo ck_convrot lrq_int8dq lrq_int8wo
 
 For every shape (in_features -> out_features) and batch size M, in the same run:
 
@@ -10,7 +11,13 @@ For every shape (in_features -> out_features) and batch size M, in the same run:
 * torchao 0.18: Float8DynamicActivationFloat8Weight (PerTensor, PerRow), Float8WeightOnly, Int8WeightOnly,
   Int8DynamicActivationInt8Weight, each ``quantize_``-d and compiled;
 * lrq_ao through the product path: ``lrq_ao.quantize_`` (round-to-nearest) on the ``nn.Linear``, compiled, with
-  the backend each one took (``weight.describe``).
+  the backend each one took (``weight.describe``);
+* INT8 ConvRot (rotation group 256): ``lrq_convrot_dq`` (W8A8: fused rotate + quantize pass, then the INT8 row
+  GEMM), ``lrq_convrot_wo`` (weight-only: x rotated, then the weight-only INT8 kernels), round-to-nearest weights
+  installed with ``lrq_ao.layouts.weight_tensor`` and compiled; and the peer ``ck_convrot``, comfy-kitchen's own
+  ConvRot INT8 linear (its quantizer, ``F.linear`` on its ``QuantizedTensor``, eager as ComfyUI runs it, through
+  the fastest kitchen backend that loads: cuda, then triton, then eager), skipped with a line when
+  ``comfy_kitchen`` cannot be imported.
 
 Timing: GPU time of CUDA-graph replays (``triton.testing.do_bench_cudagraph``), median with p20/p80. Each method
 is built ``R`` times (separate weights) and one graph calls all copies, ``R`` chosen so the weights read per replay
@@ -34,6 +41,7 @@ import contextlib
 import copy
 import csv
 import fcntl
+import importlib.util
 import math
 import os
 import platform
@@ -68,6 +76,10 @@ LRQ_METHODS = {
     "lrq_int8dq_fast": ("int8", "dynamic", "auto", "fast"),
     "lrq_int8dq_block_fast": ("int8_block", "dynamic", "auto", "fast"),
 }
+# ConvRot: (activation, rotation group). Built with weight_tensor (round-to-nearest, as objective="rtn"), since
+# LearnedRoundingConfig learns the ConvRot format names separately.
+CONVROT_METHODS = {"lrq_convrot_dq": ("dynamic", 256), "lrq_convrot_wo": ("weight_only", 256)}
+CK_CONVROT_GROUP = 256
 L2_BYTES = 50 * 2**20
 SLOW_CALL_S = 0.05  # a peer slower than this per call is timed with a few plain calls instead of graphs
 
@@ -169,6 +181,67 @@ def lrq_methods(linear: torch.nn.Linear, x_probe: torch.Tensor, only) -> dict:
         calls = [first] + [build(*spec)[0] for _ in range(copies_for(weight_bytes(weight)) - 1)]
         methods[name] = (calls, weight, backend)
     return methods
+
+
+def convrot_methods(linear: torch.nn.Linear, x_probe: torch.Tensor, only) -> dict:
+    """lrq_ao's INT8 ConvRot linears (``CONVROT_METHODS``), round-to-nearest, compiled like every lrq_ao method."""
+    from lrq_ao.formats import get_format
+    from lrq_ao.layouts import activation_mode_for, weight_tensor
+
+    def build(activation, group):
+        module = copy.deepcopy(linear)
+        fmt = get_format("int8_convrot", block_size=group)
+        w = module.weight.detach()
+        qw = fmt.quantize(w, "weight")
+        act = activation_mode_for(activation, fmt, qw.block_size, tuple(w.shape))
+        module.weight = torch.nn.Parameter(weight_tensor(fmt, qw, w.dtype, act=act), requires_grad=False)
+        return compiled(module), module.weight
+
+    methods = {}
+    for name, spec in CONVROT_METHODS.items():
+        if only and name not in only:
+            continue
+        first, weight = build(*spec)
+        backend = compiled_backend(weight.describe(x_probe))
+        calls = [first] + [build(*spec)[0] for _ in range(copies_for(weight_bytes(weight)) - 1)]
+        methods[name] = (calls, weight, backend)
+    return methods
+
+
+def kitchen_methods(linear: torch.nn.Linear, x_probe: torch.Tensor, only) -> dict:
+    """``ck_convrot``: comfy-kitchen's ConvRot INT8 linear, eager (ComfyUI's path), or nothing if kitchen is absent."""
+    if only and "ck_convrot" not in only:
+        return {}
+    if importlib.util.find_spec("comfy_kitchen") is None:
+        print("  ck_convrot: skipped, comfy_kitchen is not importable (put kitchen's package on PYTHONPATH)")
+        return {}
+    from importlib.metadata import version
+
+    import comfy_kitchen
+    from comfy_kitchen.tensor.base import QuantizedTensor
+
+    w, bias = linear.weight.detach(), linear.bias.detach()
+    kwargs = {"is_weight": True, "per_channel": True, "convrot": True, "convrot_groupsize": CK_CONVROT_GROUP}
+    first = QuantizedTensor.from_float(w, "TensorWiseINT8Layout", **kwargs)
+    weights = [first] + [
+        QuantizedTensor.from_float(w, "TensorWiseINT8Layout", **kwargs)
+        for _ in range(copies_for(first._qdata.nbytes) - 1)
+    ]
+    chosen = comfy_kitchen.registry.get_capable_backend(
+        "int8_linear",
+        {
+            "x": x_probe,
+            "weight": first._qdata,
+            "weight_scale": first._params.scale,
+            "bias": bias,
+            "out_dtype": x_probe.dtype,
+            "convrot": True,
+            "convrot_groupsize": CK_CONVROT_GROUP,
+        },
+    )
+    calls = [lambda x, qt=qt: torch.nn.functional.linear(x, qt, bias) for qt in weights]
+    label = f"comfy-kitchen {version('comfy-kitchen')} int8_linear convrot G={CK_CONVROT_GROUP} [{chosen}], eager"
+    return {"ck_convrot": (calls, first._qdata, label)}
 
 
 def compiled_backend(described: str) -> str:
@@ -280,6 +353,8 @@ def run_shape(
         methods = bf16_methods(linear)
         methods.update(torchao_methods(linear, only))
         methods.update(lrq_methods(linear, probe, only))
+        methods.update(convrot_methods(linear, probe, only))
+        methods.update(kitchen_methods(linear, probe, only))
         ref = probe.double() @ linear.weight.detach().double().t() + linear.bias.detach().double()
     quality = {}
     with torch.inference_mode():
