@@ -104,20 +104,6 @@ def lrq_variant(model: nn.Module, fmt: str, kernel: str = "auto", quant: str = "
     )
 
 
-def convrot_variant(model: nn.Module, group: int = 256) -> tuple[nn.Module, str]:
-    """INT8 ConvRot W8A8 on every linear (round-to-nearest, installed with ``weight_tensor`` as ``quantize_`` does)."""
-    from lrq_ao.formats import get_format
-    from lrq_ao.layouts import activation_mode_for, weight_tensor
-
-    quantized, fmt = copy.deepcopy(model), get_format("int8_convrot", block_size=group)
-    for module in [m for m in quantized.modules() if isinstance(m, nn.Linear)]:
-        w = module.weight.detach()
-        qw = fmt.quantize(w)
-        act = activation_mode_for("dynamic", fmt, qw.block_size, tuple(w.shape))
-        module.weight = nn.Parameter(weight_tensor(fmt, qw, w.dtype, act=act), requires_grad=False)
-    return quantized, f"int8_convrot G={group}, activation='dynamic' (round-to-nearest, lrq_ao.layouts.weight_tensor)"
-
-
 def torchao_variant(model: nn.Module, granularity: str) -> tuple[nn.Module, str]:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
@@ -139,7 +125,7 @@ VARIANTS = {
     "lrq_fp8_row_fast": lambda m: lrq_variant(m, "fp8_row", quant="fast"),
     "lrq_int8_fast": lambda m: lrq_variant(m, "int8", quant="fast"),
     "lrq_int8_block_fast": lambda m: lrq_variant(m, "int8_block", quant="fast"),
-    "lrq_convrot": convrot_variant,
+    "lrq_convrot": lambda m: lrq_variant(m, "int8_convrot"),  # W8A8, rotation group 256
     "ao_fp8_row": lambda m: torchao_variant(m, "row"),
     "ao_fp8_tensor": lambda m: torchao_variant(m, "tensor"),
 }

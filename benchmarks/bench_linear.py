@@ -12,12 +12,11 @@ For every shape (in_features -> out_features) and batch size M, in the same run:
   Int8DynamicActivationInt8Weight, each ``quantize_``-d and compiled;
 * lrq_ao through the product path: ``lrq_ao.quantize_`` (round-to-nearest) on the ``nn.Linear``, compiled, with
   the backend each one took (``weight.describe``);
-* INT8 ConvRot (rotation group 256): ``lrq_convrot_dq`` (W8A8: fused rotate + quantize pass, then the INT8 row
-  GEMM), ``lrq_convrot_wo`` (weight-only: x rotated, then the weight-only INT8 kernels), round-to-nearest weights
-  installed with ``lrq_ao.layouts.weight_tensor`` and compiled; and the peer ``ck_convrot``, comfy-kitchen's own
-  ConvRot INT8 linear (its quantizer, ``F.linear`` on its ``QuantizedTensor``, eager as ComfyUI runs it, through
-  the fastest kitchen backend that loads: cuda, then triton, then eager), skipped with a line when
-  ``comfy_kitchen`` cannot be imported.
+* INT8 ConvRot (rotation group 256) among them: ``lrq_convrot_dq`` (W8A8: fused rotate + quantize pass, then the
+  INT8 row GEMM), ``lrq_convrot_wo`` (weight-only: x rotated, then the weight-only INT8 kernels); and the peer
+  ``ck_convrot``, comfy-kitchen's own ConvRot INT8 linear (its quantizer, ``F.linear`` on its ``QuantizedTensor``,
+  eager as ComfyUI runs it, through the fastest kitchen backend that loads: cuda, then triton, then eager), skipped
+  with a line when ``comfy_kitchen`` cannot be imported.
 
 Timing: GPU time of CUDA-graph replays (``triton.testing.do_bench_cudagraph``), median with p20/p80. Each method
 is built ``R`` times (separate weights) and one graph calls all copies, ``R`` chosen so the weights read per replay
@@ -75,11 +74,10 @@ LRQ_METHODS = {
     "lrq_fp8dq_row_fast": ("fp8_row", "dynamic", "auto", "fast"),
     "lrq_int8dq_fast": ("int8", "dynamic", "auto", "fast"),
     "lrq_int8dq_block_fast": ("int8_block", "dynamic", "auto", "fast"),
+    "lrq_convrot_dq": ("int8_convrot", "dynamic", "auto"),  # rotation group 256 (the config's default block size)
+    "lrq_convrot_wo": ("int8_convrot", "weight_only", "auto"),
 }
-# ConvRot: (activation, rotation group). Built with weight_tensor (round-to-nearest, as objective="rtn"), since
-# LearnedRoundingConfig learns the ConvRot format names separately.
-CONVROT_METHODS = {"lrq_convrot_dq": ("dynamic", 256), "lrq_convrot_wo": ("weight_only", 256)}
-CK_CONVROT_GROUP = 256
+CK_CONVROT_GROUP = 256  # kitchen's default, and the rotation group int8_convrot takes at the default block_size
 L2_BYTES = 50 * 2**20
 SLOW_CALL_S = 0.05  # a peer slower than this per call is timed with a few plain calls instead of graphs
 
@@ -174,31 +172,6 @@ def lrq_methods(linear: torch.nn.Linear, x_probe: torch.Tensor, only) -> dict:
 
     methods = {}
     for name, spec in LRQ_METHODS.items():
-        if only and name not in only:
-            continue
-        first, weight = build(*spec)
-        backend = compiled_backend(weight.describe(x_probe))
-        calls = [first] + [build(*spec)[0] for _ in range(copies_for(weight_bytes(weight)) - 1)]
-        methods[name] = (calls, weight, backend)
-    return methods
-
-
-def convrot_methods(linear: torch.nn.Linear, x_probe: torch.Tensor, only) -> dict:
-    """lrq_ao's INT8 ConvRot linears (``CONVROT_METHODS``), round-to-nearest, compiled like every lrq_ao method."""
-    from lrq_ao.formats import get_format
-    from lrq_ao.layouts import activation_mode_for, weight_tensor
-
-    def build(activation, group):
-        module = copy.deepcopy(linear)
-        fmt = get_format("int8_convrot", block_size=group)
-        w = module.weight.detach()
-        qw = fmt.quantize(w, "weight")
-        act = activation_mode_for(activation, fmt, qw.block_size, tuple(w.shape))
-        module.weight = torch.nn.Parameter(weight_tensor(fmt, qw, w.dtype, act=act), requires_grad=False)
-        return compiled(module), module.weight
-
-    methods = {}
-    for name, spec in CONVROT_METHODS.items():
         if only and name not in only:
             continue
         first, weight = build(*spec)
@@ -353,7 +326,6 @@ def run_shape(
         methods = bf16_methods(linear)
         methods.update(torchao_methods(linear, only))
         methods.update(lrq_methods(linear, probe, only))
-        methods.update(convrot_methods(linear, probe, only))
         methods.update(kitchen_methods(linear, probe, only))
         ref = probe.double() @ linear.weight.detach().double().t() + linear.bias.detach().double()
     quality = {}

@@ -23,8 +23,10 @@ from comfy_kitchen.tensor.int8_utils import _build_hadamard, _rotate_activation
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
 
+import lrq_ao
+from lrq_ao import LearnedRoundingConfig
 from lrq_ao.formats import get_format
-from lrq_ao.formats.convrot import ConvRotFormat, rotate_exact
+from lrq_ao.formats.convrot import rotate_exact
 from lrq_ao.kernels.rotate_quant import rotate_quantize_activation_reference
 from lrq_ao.layouts import activation_mode_for, registered_backends, select_linear_backend, weight_tensor
 from lrq_ao.primitives import sqnr
@@ -262,29 +264,24 @@ def _stack(k: int = 512, hidden: int = 1024) -> torch.nn.Sequential:
     return model
 
 
-def _quantized(model: torch.nn.Sequential, name: str, dtype: torch.dtype) -> torch.nn.Sequential:
-    out = torch.nn.Sequential(*[torch.nn.Linear(1, 1) if isinstance(m, torch.nn.Linear) else m for m in model])
-    for i, layer in enumerate(model):
-        if isinstance(layer, torch.nn.Linear):
-            fmt = get_format(name, block_size=256) if isinstance(get_format(name), ConvRotFormat) else get_format(name)
-            w = layer.weight.detach()
-            qw = fmt.quantize(w)
-            act = activation_mode_for("dynamic", fmt, qw.block_size, tuple(w.shape))
-            linear = torch.nn.Linear(w.shape[1], w.shape[0], dtype=dtype)
-            linear.weight = torch.nn.Parameter(weight_tensor(fmt, qw, dtype, act=act), requires_grad=False)
-            linear.bias = torch.nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
-            out[i] = linear
-    return out
+def _quantized(model: torch.nn.Sequential, fmt: str) -> torch.nn.Sequential:
+    """``lrq_ao.quantize_`` (round-to-nearest, dynamic activations) of a bf16 copy; every linear quantized."""
+    quantized = copy.deepcopy(model).to(torch.bfloat16)
+    report = lrq_ao.quantize_(quantized, LearnedRoundingConfig(format=fmt, activation="dynamic"))
+    assert not report.skipped
+    assert all(type(m.weight).__name__ == "Int8Tensor" for m in quantized if isinstance(m, torch.nn.Linear))
+    return quantized
 
 
 def test_model_with_outlier_channels_convrot_beats_plain_int8():
-    """W8A8 end to end on a Linear-GELU-Linear stack whose inputs have outlier channels (the first linear's input,
-    and 16 hidden units scaled 20x): ConvRot spreads each outlier over its group before the per-token scale is taken.
-    Measured (bf16, CPU): int8_convrot 35.9 dB, int8 26.8 dB against the float64 model."""
+    """``quantize_(model, LearnedRoundingConfig(format=..., activation="dynamic"))``: W8A8 end to end on a
+    Linear-GELU-Linear stack whose inputs have outlier channels (the first linear's input, and 16 hidden units scaled
+    20x): ConvRot spreads each outlier over its group before the per-token scale is taken.
+    Measured (bf16, CPU): int8_convrot 35.9 dB, int8 26.7 dB against the float64 model."""
     model = _stack()
     x = _activations(64, 512, torch.float32, seed=5)
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(x.double())
-        results = {n: sqnr(ref, _quantized(model, n, torch.bfloat16)(x.bfloat16())) for n in ("int8", "int8_convrot")}
+        results = {name: sqnr(ref, _quantized(model, name)(x.bfloat16())) for name in ("int8", "int8_convrot")}
     assert results["int8_convrot"] > 33.0, results
     assert results["int8_convrot"] > results["int8"] + 6.0, results
