@@ -197,7 +197,7 @@ def test_triton_backend_equals_torch_backend(m, k, group, dtype, monkeypatch):
         y_torch, y_triton = F.linear(x, torch_weight, bias), F.linear(x, triton_weight, bias)
         reference = _reference_epilogue(x, torch_weight, bias)
         assert torch.equal(y_torch, reference.to(dtype))
-        if dtype == torch.float32:
+        if dtype == torch.float32 or x.device.type == "cuda":  # a compiled kernel's cast rounds, as torch's does
             assert torch.equal(y_triton, y_torch)
         else:
             assert torch.equal(y_triton, _truncate_to_bf16(reference))
