@@ -69,9 +69,17 @@ def hadamard(group: int, dtype: torch.dtype = torch.float32, device: torch.devic
     ``_build_hadamard`` in every float dtype. Cached per (group, dtype, device) in eager code (do not modify the
     result); under ``torch.compile`` built from constants instead, because a cached real tensor cannot enter a
     fake-tensor trace."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _tracing():
         return _build_hadamard(group, dtype, torch.device(device))
     return _cached_hadamard(group, dtype, torch.device(device))
+
+
+def _tracing() -> bool:
+    """Whether a fake-tensor or proxy mode is active (AOT autograd and Inductor re-run the tensor subclass's
+    dispatch with fake tensors after Dynamo's trace, when ``is_compiling()`` can already be false)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return bool(_get_current_dispatch_mode_stack()) or torch._guards.detect_fake_mode() is not None
 
 
 @functools.lru_cache(maxsize=32)
