@@ -16,11 +16,19 @@ against float32 on the held-out evaluation sentences (calibration sentences are 
                drift scaled per layer by its James-Stein trust; ``--drift-trust`` fixes it); each calibration batch
                runs once (``--sequential-replay``: re-run the model for every stage). ``lrq_ao.quantize_sequential``
 
+  kitchen      comfy-kitchen 0.2.40's own quantizer for the format (eager, on the float32 weight), its tensors read
+               back through the format's ComfyUI reader (``lrq_ao.formats.reader_for``) and installed with
+               ``lrq_ao.layouts.weight_tensor``; "n/a" with the reason where kitchen has no quantizer for the format
+
 Quantization goes through the product path, ``lrq_ao.quantize_`` (weight-only, float32 activations on CPU), so
-the numbers isolate rounding.
+the numbers isolate rounding. ``--activation dynamic`` runs the format's own dynamic activation pairing
+(``activation_mode_for``; W8A8 for the INT8 / FP8 formats) through the same path; a format without one prints "n/a"
+with its reason. ``--formats`` takes every name of ``lrq_ao.formats.FORMATS``; the rotating formats (ConvRot INT8,
+ConvRot W4A4, W4A8) use ``--rotation-group`` (default 64: MiniLM's K = 384 is not a multiple of 256).
 
     python benchmarks/bench_quality.py                       # all formats, all methods (~4 min on 1 core)
     python benchmarks/bench_quality.py --formats fp8 --methods rtn,ours --csv out.csv
+    python benchmarks/bench_quality.py --formats int8,int8_convrot --methods rtn,kitchen,gptq,ours --activation dynamic
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import json
 import time
 
 import torch
+from quality_kitchen import KITCHEN, not_applicable, quantize_with_kitchen, run_fields
 
 from lrq_ao.api import quantize_
 from lrq_ao.config import LearnedRoundingConfig
@@ -69,7 +78,7 @@ def method_config(method: str, fmt: str, ref_iters: int) -> dict:
         return base | {"objective": "output", "init": "gptq", "greedy_passes": 0, "shrinkage": 0.0}
     if method in ("ours", "ours_seq"):
         return base | {"objective": "output", "init": "gptq", "relaxation": "greedy", "shrinkage": -1.0}
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS + (KITCHEN,)}")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -140,6 +149,8 @@ def main() -> None:
         metavar="FIELD=VALUE",
         help="override a LearnedRoundingConfig field for every learned method (e.g. shrinkage=0.05, greedy_passes=1)",
     )
+    ap.add_argument("--activation", default="weight_only", choices=("weight_only", "dynamic"))
+    ap.add_argument("--rotation-group", type=int, default=64, help="rotation group of the rotating formats")
     ap.add_argument("--show-layer", default=None, help="also print this layer's fitted and held-out output SQNR")
     ap.add_argument("--holdout-every", type=int, default=5, help="calibrate(holdout_every=...); 0 fits on all calls")
     ap.add_argument(
@@ -160,12 +171,19 @@ def main() -> None:
         calib_batches, eval_batches = calib_batches[:2], eval_batches[:2]
     model_fp = load_minilm()
     rows = []
-    print(f"{'format':<11}{'method':<11}{'e2e SQNR dB':>12}{'vs RTN':>8}{'moved %':>9}{'kept RTN':>9}{'seconds':>9}")
+    print(f"{'format':<13}{'method':<11}{'e2e SQNR dB':>12}{'vs RTN':>8}{'moved %':>9}{'kept RTN':>9}{'seconds':>9}")
     for fmt in args.formats.split(","):
         rtn_db = None
         for method in args.methods.split(","):
+            if reason := not_applicable(method, fmt, args):
+                print(f"{fmt:<13}{method:<11}{'n/a':>12}  {reason}", flush=True)
+                continue
+            if method == KITCHEN:
+                rows.append(quantize_with_kitchen(load_minilm, model_fp, eval_batches, fmt, args, rtn_db))
+                continue
             overrides = parse_overrides(args.set) if method != "rtn" else {}
-            cfg = LearnedRoundingConfig(**(method_config(method, fmt, args.ref_iters) | overrides))
+            fields = method_config(method, fmt, args.ref_iters) | run_fields(fmt, args)
+            cfg = LearnedRoundingConfig(**(fields | overrides))
             model_q = load_minilm()
             t0 = time.perf_counter()
             reports = quantize_model(
@@ -183,7 +201,7 @@ def main() -> None:
             moved = 100 * sum(r["moved_fraction"] for r in reports) / len(reports)
             kept = sum(bool(r["kept_rtn"]) for r in reports) if method != "rtn" else 0
             delta = "" if rtn_db is None else f"{db - rtn_db:+.2f}"
-            print(f"{fmt:<11}{method:<11}{db:>12.2f}{delta:>8}{moved:>9.1f}{kept:>9}{seconds:>9.1f}", flush=True)
+            print(f"{fmt:<13}{method:<11}{db:>12.2f}{delta:>8}{moved:>9.1f}{kept:>9}{seconds:>9.1f}", flush=True)
             trust = sorted(r["drift_trust"] for r in reports if r.get("drift_trust") is not None)
             if trust:
                 print(
@@ -205,7 +223,7 @@ def main() -> None:
                     "seconds": round(seconds, 2),
                 }
             )
-    if args.csv:
+    if args.csv and rows:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
