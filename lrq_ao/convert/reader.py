@@ -17,11 +17,9 @@ every shard is validated as a ComfyUI file of its own (errors name the shard) an
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,29 +41,11 @@ from lrq_ao.convert.comfy_format import (
     parse_dtype_name,
     parse_metadata_header,
 )
+from lrq_ao.convert.header import CheckpointError, read_header, read_weight_map
 from lrq_ao.formats import FORMATS, FormatError, QuantizedWeight, WeightFormat, reader_for
 
 __all__ = ["ComfyCheckpoint", "ComfyFormatError", "ComfyLayer", "LoadResult", "load_comfy", "load_comfy_into"]
 
-# safetensors dtype names -> torch dtypes (the names the format defines; torch lacks some, e.g. F4).
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 LEGACY_MARKER = "scaled_fp8"
 LEGACY_FORMAT = "float8_e4m3fn"  # what ComfyUI's convert_old_quants turns a scaled_fp8 file's layers into
 LEGACY_SCALE_SUFFIX = ".scale_weight"
@@ -198,67 +178,14 @@ class ComfyCheckpoint:
 
 
 def _read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Parse and check a safetensors header: JSON, dtypes, shapes and that every byte range lies in the file."""
+    """The file's header, validated by ``header.read_header`` (the one parser the converter uses too: every rule of
+    the safetensors format, size caps, no sparse files); its ``CheckpointError`` becomes ``ComfyFormatError``."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise ComfyFormatError(f"{path}: not a safetensors file (only {size} bytes, no header length)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or header_len > size - 8:
-                raise ComfyFormatError(
-                    f"{path}: not a safetensors file or truncated: header length {header_len} bytes, file {size} bytes"
-                )
-            raw = f.read(header_len)
-    except OSError as exc:
-        raise ComfyFormatError(f"{path}: cannot read file ({exc})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ComfyFormatError(f"{path}: not a safetensors file: header is not valid UTF-8 JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise ComfyFormatError(f"{path}: safetensors header must be a JSON object")
-    metadata = header.pop("__metadata__", None)
-    metadata = {} if metadata is None else metadata
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ComfyFormatError(f"{path}: safetensors __metadata__ must map names to strings")
-    data_len = size - 8 - header_len
-    entries = {key: _check_entry(path, key, info, data_len) for key, info in header.items()}
-    return entries, metadata
-
-
-def _check_entry(path: Path, key: str, info: Any, data_len: int) -> TensorEntry:
-    where = f"{path}: tensor {key!r}"
-    if not isinstance(info, dict):
-        raise ComfyFormatError(f"{where}: header entry must be an object with dtype, shape and data_offsets")
-    dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
-    if dtype is None:
-        raise ComfyFormatError(f"{where}: unsupported or missing dtype {info.get('dtype')!r}")
-    shape, offsets = info.get("shape"), info.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ComfyFormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
-        raise ComfyFormatError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
-    numel = 1
-    for d in shape:
-        numel *= d
-    expected = numel * torch.empty((), dtype=dtype).element_size()
-    if offsets[1] - offsets[0] != expected:
-        raise ComfyFormatError(
-            f"{where}: holds {offsets[1] - offsets[0]} bytes, but dtype {info['dtype']} and shape {shape} "
-            f"need {expected}"
-        )
-    if offsets[1] > data_len:
-        raise ComfyFormatError(
-            f"{where}: truncated file: data ends at byte {offsets[1]} but the file holds only {data_len} data bytes"
-        )
-    return TensorEntry(dtype, tuple(shape))
+        header = read_header(path)
+    except CheckpointError as exc:
+        raise ComfyFormatError(str(exc)) from None
+    entries = {name: TensorEntry(e.torch_dtype, e.shape) for name, e in header.entries.items()}
+    return entries, header.metadata
 
 
 def _read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
@@ -280,7 +207,7 @@ def _read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_comfy(path: str | os.PathLike) -> ComfyCheckpoint:
+def read_comfy(path: str | os.PathLike, *, allow_shards_outside: bool = False) -> ComfyCheckpoint:
     """Parse and validate a ComfyUI checkpoint without reading the weight data.
 
     Returns a :class:`ComfyCheckpoint` whose ``layers`` hold each quantized layer's format, lrq_ao scale grid
@@ -290,7 +217,7 @@ def read_comfy(path: str | os.PathLike) -> ComfyCheckpoint:
     """
     path = Path(path)
     if path.name.endswith(".index.json"):
-        return _read_sharded(path)
+        return _read_sharded(path, allow_shards_outside)
     entries, metadata = _read_header(path)
     ckpt = ComfyCheckpoint(path, entries, metadata)
     markers = _collect_markers(ckpt)
@@ -304,24 +231,24 @@ def read_comfy(path: str | os.PathLike) -> ComfyCheckpoint:
     return ckpt
 
 
-def _read_sharded(index: Path) -> ComfyCheckpoint:
+def _read_sharded(index: Path, allow_outside: bool = False) -> ComfyCheckpoint:
     """Validate every shard named by ``index`` on its own (as ComfyUI-style loaders read each file) and merge them.
 
-    Raises :class:`ComfyFormatError` naming the index for a bad index, or the shard for a bad shard, a key the index
-    maps to another file, or a layer split across shards.
+    Raises :class:`ComfyFormatError` naming the index for a bad index (``header.read_weight_map``: a non-empty
+    ``weight_map`` of shard file names inside the index's folder unless ``allow_outside``), or the shard for a bad
+    shard, a key the index maps to another file, or a layer split across shards.
     """
     try:
-        data = json.loads(index.read_text())
-        weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("'weight_map' is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ComfyFormatError(f"{index}: not a safetensors index with a 'weight_map' ({exc})") from None
+        weight_map, shards = read_weight_map(index, allow_outside=allow_outside)
+    except CheckpointError as exc:
+        raise ComfyFormatError(str(exc)) from None
     merged = ComfyCheckpoint(index, {}, {})
     header_layers: dict[str, dict[str, Any]] = {}
-    for name in dict.fromkeys(weight_map.values()):
-        shard = read_comfy(index.parent / name)  # a missing or bad shard raises naming it
-        mapped = {k for k, v in weight_map.items() if v == name}
+    for file in shards:
+        if not file.is_file():
+            raise ComfyFormatError(f"{index}: names shard {file.name!r}, which does not exist beside it")
+        shard = read_comfy(file)  # a bad shard raises naming it
+        mapped = {k for k, v in weight_map.items() if index.parent / v == file}
         for key in sorted(set(shard.entries) ^ mapped):
             where = "holds" if key in shard.entries else "lacks"
             raise ComfyFormatError(f"{shard.path}: {where} tensor {key!r}, but {index.name} maps it elsewhere")

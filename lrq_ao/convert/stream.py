@@ -25,29 +25,22 @@ from pathlib import Path
 
 import torch
 
-# safetensors dtype names <-> torch dtypes (the subset a checkpoint plausibly holds).
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+from lrq_ao.convert.header import (
+    DTYPE_NAMES,
+    MAX_HEADER_BYTES,
+    TORCH_DTYPES,
+    CheckpointError,
+    nbytes_of,
+    read_header,
+    read_weight_map,
+)
+
+__all__ = ["DTYPE_NAMES", "MAX_HEADER_BYTES", "CheckpointError"]  # re-exported: the header module owns them
+
+# safetensors dtype names <-> torch dtypes: the format's names torch can hold (``header.DTYPE_BITS`` has them all).
+DTYPES: dict[str, torch.dtype] = TORCH_DTYPES
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 COPY_CHUNK = 64 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read: the message names the file and tensor and says what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -88,105 +81,37 @@ class Source:
     fingerprint: str
 
 
-def _element_size(dtype: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size()
-
-
 def parse_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str], bytes]:
-    """Parse and validate one safetensors file's header. Returns ``(tensors, metadata, raw_header_bytes)``.
-
-    Raises ``CheckpointError`` naming the file (and tensor) for a file that is not safetensors, a header that is not
-    valid JSON, an unknown dtype, offsets that do not match the shape, overlap, or data past the end of the file.
-    """
-    path = str(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes, no header length)")
-        (n,) = struct.unpack("<Q", head)
-        if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
-            raise CheckpointError(
-                f"{path}: not a safetensors file or truncated (header length {n} does not fit a {size}-byte file)"
-            )
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(
-            f"{path}: header is not valid JSON ({e}); the file is not a safetensors checkpoint"
-        ) from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header must be a JSON object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
-    base = 8 + n
+    """Parse and validate one safetensors file's header (``header.read_header``: every rule of the format). Returns
+    ``(tensors in offset order, metadata, raw_header_bytes)``; raises ``CheckpointError`` naming the file and tensor,
+    also for a dtype torch cannot hold (the converter must read or copy every tensor)."""
+    header = read_header(path)
+    base = header.data_start
     tensors = {}
-    for name, entry in header.items():
-        tensors[name] = _tensor_info(path, name, entry, base, size)
-    _check_no_overlap(path, tensors.values())
-    ordered = dict(sorted(tensors.items(), key=lambda kv: kv[1].start))
-    return ordered, metadata, raw
+    for e in sorted(header.entries.values(), key=lambda e: (e.begin, e.end)):
+        if e.dtype not in DTYPES:
+            raise CheckpointError(
+                f"{header.path}: tensor {e.name!r} has dtype {e.dtype}, which lrq-convert cannot handle; remove it or "
+                f"convert it to a torch dtype first"
+            )
+        tensors[e.name] = TensorInfo(e.name, header.path, e.dtype, e.shape, base + e.begin, base + e.end)
+    return tensors, header.metadata, header.raw
 
 
-def _tensor_info(path: str, name: str, entry: object, base: int, size: int) -> TensorInfo:
-    if not isinstance(entry, dict):
-        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}; known: {sorted(DTYPES)}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise CheckpointError(f"{path}: tensor {name!r} has malformed shape {shape!r}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
-        or offsets[1] < offsets[0]
-    ):
-        raise CheckpointError(f"{path}: tensor {name!r} has malformed data_offsets {offsets!r}")
-    expected = math.prod(shape) * _element_size(dtype)
-    if offsets[1] - offsets[0] != expected:
-        raise CheckpointError(
-            f"{path}: tensor {name!r} ({dtype}, shape {shape}) needs {expected} bytes but its data_offsets span "
-            f"{offsets[1] - offsets[0]}"
-        )
-    if base + offsets[1] > size:
-        raise CheckpointError(
-            f"{path}: tensor {name!r} ends at byte {base + offsets[1]} but the file has {size} bytes; the file is "
-            f"truncated (re-download or re-copy it)"
-        )
-    return TensorInfo(name, path, dtype, tuple(shape), base + offsets[0], base + offsets[1])
+def _shard_files(index_path: Path, allow_outside: bool = False) -> list[Path]:
+    return read_weight_map(index_path, allow_outside=allow_outside)[1]
 
 
-def _check_no_overlap(path: str, infos) -> None:
-    last_end, last_name = -1, None
-    for info in sorted(infos, key=lambda t: (t.start, t.end)):
-        if info.nbytes and info.start < last_end:
-            raise CheckpointError(f"{path}: tensors {last_name!r} and {info.name!r} overlap in the data section")
-        if info.nbytes:
-            last_end, last_name = info.end, info.name
-
-
-def _shard_files(index_path: Path) -> list[Path]:
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path}: not a valid safetensors index (needs a 'weight_map'): {e}") from e
-    files = list(dict.fromkeys(weight_map.values()))
-    return [index_path.parent / f for f in files]
-
-
-def resolve_input_files(path: str | Path) -> list[Path]:
-    """The safetensors files behind ``path``: a file, an index JSON, or a folder holding one index (or one file)."""
+def resolve_input_files(path: str | Path, *, allow_outside: bool = False) -> list[Path]:
+    """The safetensors files behind ``path``: a file, an index JSON, or a folder holding one index (or one file).
+    An index's shards must lie in its folder unless ``allow_outside`` (``header.resolve_shard``)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"input {path} does not exist")
     if path.is_dir():
         indexes = sorted(path.glob("*.safetensors.index.json"))
         if len(indexes) == 1:
-            return _shard_files(indexes[0])
+            return _shard_files(indexes[0], allow_outside)
         if len(indexes) > 1:
             raise CheckpointError(f"{path}: several *.safetensors.index.json files; pass the one to use with -i")
         files = sorted(path.glob("*.safetensors"))
@@ -197,13 +122,14 @@ def resolve_input_files(path: str | Path) -> list[Path]:
             f"found {len(files)} .safetensors files and no index"
         )
     if path.name.endswith(".index.json"):
-        return _shard_files(path)
+        return _shard_files(path, allow_outside)
     return [path]
 
 
-def read_source(path: str | Path) -> Source:
-    """Read the headers of every file behind ``path`` (nothing else). Raises ``CheckpointError`` for bad input."""
-    files = resolve_input_files(path)
+def read_source(path: str | Path, *, allow_outside: bool = False) -> Source:
+    """Read the headers of every file behind ``path`` (nothing else). Raises ``CheckpointError`` for bad input.
+    ``allow_outside`` lets an index name shards outside its folder."""
+    files = resolve_input_files(path, allow_outside=allow_outside)
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     digest = hashlib.sha256()
@@ -251,7 +177,7 @@ class OutputEntry:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _element_size(self.dtype)
+        return nbytes_of(self.dtype, self.shape)
 
 
 def layout_entries(entries: list[OutputEntry]) -> tuple[list[OutputEntry], int]:

@@ -203,7 +203,7 @@ def _raw_file(path, header: bytes, data: bytes = b""):
 def test_invalid_safetensors_header_json(tmp_path):
     path = tmp_path / "bad.safetensors"
     _raw_file(path, b'{"blk.lin.weight": {"dtype": "F8_E4M3", ')
-    _expect_error(path, "header is not valid UTF-8 JSON")
+    _expect_error(path, "header is not valid JSON")
 
 
 def test_invalid_quantization_metadata_json(tmp_path):
