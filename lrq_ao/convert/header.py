@@ -310,9 +310,10 @@ def resolve_shard(index: Path, name: object, *, allow_outside: bool = False) -> 
     return shard
 
 
-def read_weight_map(index: Path, *, allow_outside: bool = False) -> tuple[dict[str, str], list[Path]]:
+def read_weight_map(index: Path, *, allow_outside: bool = False) -> dict[str, Path]:
     """Read and validate a ``*.safetensors.index.json``: a JSON object whose ``weight_map`` is a non-empty object of
-    tensor name -> shard file name. Returns ``(weight_map, shard paths in first-mention order)``; raises
+    tensor name -> shard file name, each inside the index's folder unless ``allow_outside`` (``resolve_shard``).
+    Returns tensor name -> resolved shard path (in the index's order; ``unique_shards`` lists the files); raises
     ``CheckpointError`` naming the index and what is wrong."""
     try:
         raw = index.read_bytes()
@@ -334,12 +335,31 @@ def read_weight_map(index: Path, *, allow_outside: bool = False) -> tuple[dict[s
         )
     if not weight_map:
         raise CheckpointError(f"{index}: 'weight_map' is empty; the index names no shard")
-    files: dict[str, Path] = {}
+    resolved: dict[str, Path] = {}
+    shards: dict[object, Path] = {}
     for tensor, name in weight_map.items():
         if not isinstance(name, str):
             raise CheckpointError(
                 f"{index}: weight_map maps tensor {tensor!r} to {_short(name)}, not a shard file name"
             )
-        if name not in files:
-            files[name] = resolve_shard(index, name, allow_outside=allow_outside)
-    return weight_map, list(files.values())
+        if name not in shards:
+            shards[name] = resolve_shard(index, name, allow_outside=allow_outside).resolve()
+        resolved[tensor] = shards[name]
+    return resolved
+
+
+def unique_shards(weight_map: dict[str, Path]) -> list[Path]:
+    """The shard files of a ``read_weight_map`` result, each once, in first-mention order."""
+    return list(dict.fromkeys(weight_map.values()))
+
+
+def check_shard_contents(index: Path, weight_map: dict[str, Path], shard: Path, names) -> None:
+    """Every tensor ``shard`` holds must be mapped to it by the index, and every tensor mapped to it present; a
+    ``CheckpointError`` names the first that is not."""
+    mapped = {k for k, v in weight_map.items() if v == shard}
+    for key in sorted(set(names) ^ mapped):
+        what = "holds" if key not in mapped else "lacks"
+        raise CheckpointError(
+            f"{shard}: {what} tensor {key!r}, but {index.name} maps it {'elsewhere' if what == 'holds' else 'here'}; "
+            f"the index does not describe these shards (re-download it)"
+        )

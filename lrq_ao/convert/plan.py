@@ -438,6 +438,56 @@ def check_not_quantized(source: Source) -> None:
         )
 
 
+# Suffixes a ComfyUI loader reads as a quantized layer's data (``<layer><suffix>``) besides ``.weight_<anything>``.
+LAYER_DATA_SUFFIXES = (cf.INPUT_SCALE_SUFFIX, cf.MARKER_SUFFIX, ".scale_weight", ".scale_input")
+ORPHAN_SCALE_SUFFIXES = (cf.SCALE_SUFFIX, cf.SCALE2_SUFFIX)  # the reader refuses these without a marker
+
+
+def check_output_names(tensors: list[TensorPlan], groups: list[list[OutputEntry]]) -> None:
+    """Refuse, before anything is written, an output that would name two tensors alike or that a loader would
+    misread: a kept input tensor named like a quantized layer's data (``<layer>.weight_scale``, ``.weight_<x>``,
+    ``.input_scale``, ...: ComfyUI and ``read_comfy`` would take it as that layer's scale) or like a scale of no
+    layer (``read_comfy`` refuses orphan scales). ``ValueError`` names the input tensor and what to do."""
+    owner: dict[str, str] = {}
+    for tp, group in zip(tensors, groups):
+        for e in group:
+            if e.name in owner:
+                raise ValueError(
+                    f"input tensor {tp.name!r} and {owner[e.name]!r} would both write output tensor {e.name!r}; "
+                    f"rename or drop one of them in the input"
+                )
+            owner[e.name] = tp.name
+    quantized = {tp.layer for tp in tensors if tp.action == "quantize"}
+    for tp in tensors:
+        if tp.action != "keep":
+            continue
+        layer = _layer_owning(tp.name, quantized)
+        if layer is not None:
+            raise ValueError(
+                f"input tensor {tp.name!r} would be read as quantization data of layer {layer!r} (ComfyUI's name "
+                f"for it); drop or rename it in the input, or keep the layer high-precision with "
+                f"--exclude-layers '^{re.escape(layer)}$'"
+            )
+        if tp.name.endswith(ORPHAN_SCALE_SUFFIXES):
+            raise ValueError(
+                f"input tensor {tp.name!r} is named like a quantization scale but its layer is not quantized; "
+                f"loaders refuse such a file. Is the input already quantized? Convert the high-precision original, "
+                f"or drop the tensor"
+            )
+
+
+def _layer_owning(name: str, quantized: set[str]) -> str | None:
+    """The quantized layer ``L`` a kept tensor ``name`` belongs to in a loader's eyes: ``L.weight_<x>`` (no further
+    dot) or ``L<suffix>`` for a suffix of ``LAYER_DATA_SUFFIXES``; else None."""
+    for suffix in LAYER_DATA_SUFFIXES:
+        if name.endswith(suffix) and name[: -len(suffix)] in quantized:
+            return name[: -len(suffix)]
+    layer, sep, rest = name.rpartition(cf.WEIGHT_SUFFIX + "_")
+    if sep and layer in quantized and "." not in rest:
+        return layer
+    return None
+
+
 def scan_nonfinite(source: Source, candidates: list[str]) -> set[str]:
     """Names among ``candidates`` holding NaN/Inf (reads each one; used only with ``--skip-bad-layers``)."""
     bad = set()
@@ -468,6 +518,7 @@ def build_plan(source: Source, options: ConvertOptions, *, max_shard_size: int |
         raise ValueError(f"input {source.files[0]} holds no floating-point tensors; nothing to convert")
     markers = {t.layer: _marker(t, source.tensors[t.name], options) for t in tensors if t.action == "quantize"}
     groups = [_outputs_for(tp, source.tensors[tp.name], markers.get(tp.layer)) for tp in tensors]
+    check_output_names(tensors, groups)
     entries, _ = layout_entries([e for group in groups for e in group])
     metadata = _metadata(source, options, preset, tensors, markers)
     shards = [] if max_shard_size is None else split_shards(groups, max_shard_size, metadata, markers)

@@ -41,7 +41,7 @@ from lrq_ao.convert.comfy_format import (
     parse_dtype_name,
     parse_metadata_header,
 )
-from lrq_ao.convert.header import CheckpointError, read_header, read_weight_map
+from lrq_ao.convert.header import CheckpointError, check_shard_contents, read_header, read_weight_map, unique_shards
 from lrq_ao.formats import FORMATS, FormatError, QuantizedWeight, WeightFormat, reader_for
 
 __all__ = ["ComfyCheckpoint", "ComfyFormatError", "ComfyLayer", "LoadResult", "load_comfy", "load_comfy_into"]
@@ -239,19 +239,19 @@ def _read_sharded(index: Path, allow_outside: bool = False) -> ComfyCheckpoint:
     shard, a key the index maps to another file, or a layer split across shards.
     """
     try:
-        weight_map, shards = read_weight_map(index, allow_outside=allow_outside)
+        weight_map = read_weight_map(index, allow_outside=allow_outside)
     except CheckpointError as exc:
         raise ComfyFormatError(str(exc)) from None
     merged = ComfyCheckpoint(index, {}, {})
     header_layers: dict[str, dict[str, Any]] = {}
-    for file in shards:
+    for file in unique_shards(weight_map):
         if not file.is_file():
-            raise ComfyFormatError(f"{index}: names shard {file.name!r}, which does not exist beside it")
+            raise ComfyFormatError(f"{index}: names shard {file.name!r}, which does not exist")
         shard = read_comfy(file)  # a bad shard raises naming it
-        mapped = {k for k, v in weight_map.items() if index.parent / v == file}
-        for key in sorted(set(shard.entries) ^ mapped):
-            where = "holds" if key in shard.entries else "lacks"
-            raise ComfyFormatError(f"{shard.path}: {where} tensor {key!r}, but {index.name} maps it elsewhere")
+        try:
+            check_shard_contents(index, weight_map, file, shard.entries)
+        except CheckpointError as exc:
+            raise ComfyFormatError(str(exc)) from None
         merged.entries.update(shard.entries)
         merged.files.update(dict.fromkeys(shard.entries, shard.path))
         merged.layers.update(shard.layers)

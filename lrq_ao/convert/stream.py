@@ -30,9 +30,11 @@ from lrq_ao.convert.header import (
     MAX_HEADER_BYTES,
     TORCH_DTYPES,
     CheckpointError,
+    check_shard_contents,
     nbytes_of,
     read_header,
     read_weight_map,
+    unique_shards,
 )
 
 __all__ = ["DTYPE_NAMES", "MAX_HEADER_BYTES", "CheckpointError"]  # re-exported: the header module owns them
@@ -98,38 +100,40 @@ def parse_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str
     return tensors, header.metadata, header.raw
 
 
-def _shard_files(index_path: Path, allow_outside: bool = False) -> list[Path]:
-    return read_weight_map(index_path, allow_outside=allow_outside)[1]
-
-
-def resolve_input_files(path: str | Path, *, allow_outside: bool = False) -> list[Path]:
-    """The safetensors files behind ``path``: a file, an index JSON, or a folder holding one index (or one file).
-    An index's shards must lie in its folder unless ``allow_outside`` (``header.resolve_shard``)."""
+def resolve_input(path: str | Path) -> tuple[list[Path], Path | None]:
+    """The safetensors file behind ``path`` and ``None``, or ``([], index)`` for an index JSON or a folder holding one
+    index (a folder may instead hold exactly one .safetensors file)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"input {path} does not exist")
     if path.is_dir():
         indexes = sorted(path.glob("*.safetensors.index.json"))
         if len(indexes) == 1:
-            return _shard_files(indexes[0], allow_outside)
+            return [], indexes[0]
         if len(indexes) > 1:
             raise CheckpointError(f"{path}: several *.safetensors.index.json files; pass the one to use with -i")
         files = sorted(path.glob("*.safetensors"))
         if len(files) == 1:
-            return files
+            return files, None
         raise CheckpointError(
             f"{path}: a folder input needs one *.safetensors.index.json (or exactly one .safetensors file), "
             f"found {len(files)} .safetensors files and no index"
         )
     if path.name.endswith(".index.json"):
-        return _shard_files(path, allow_outside)
-    return [path]
+        return [], path
+    return [path], None
 
 
 def read_source(path: str | Path, *, allow_outside: bool = False) -> Source:
     """Read the headers of every file behind ``path`` (nothing else). Raises ``CheckpointError`` for bad input.
-    ``allow_outside`` lets an index name shards outside its folder."""
-    files = resolve_input_files(path, allow_outside=allow_outside)
+
+    A sharded input's index is validated (``header.read_weight_map``): its shards must lie in its folder unless
+    ``allow_outside``, and it must map exactly the tensors each shard holds."""
+    files, index = resolve_input(path)
+    weight_map = None
+    if index is not None:
+        weight_map = read_weight_map(index, allow_outside=allow_outside)
+        files = unique_shards(weight_map)
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     digest = hashlib.sha256()
@@ -137,6 +141,8 @@ def read_source(path: str | Path, *, allow_outside: bool = False) -> Source:
         if not file.is_file():
             raise CheckpointError(f"shard {file} named by the index does not exist")
         infos, meta, raw = parse_header(file)
+        if weight_map is not None:
+            check_shard_contents(index, weight_map, file, infos)
         for name, info in infos.items():
             if name in tensors:
                 raise CheckpointError(f"tensor {name!r} appears in both {tensors[name].path} and {file}")
