@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -96,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         "<stem>-00001-of-0000N.safetensors beside <stem>.safetensors.index.json (default: one file)",
     )
     io.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    io.add_argument(
+        "--allow-shards-outside",
+        "--allow_shards_outside",
+        action="store_true",
+        dest="allow_shards_outside",
+        help="let a *.safetensors.index.json name shard files outside its own folder (absolute paths, ../); "
+        "refused by default so an index cannot make lrq-convert read files elsewhere",
+    )
     io.add_argument(
         "--resume",
         action="store_true",
@@ -393,11 +402,68 @@ def default_output(input_path: str, fmt: str) -> Path:
 
 
 def _load_calibration(path: str | None):
+    """The ``--calib`` statistics, or None; ``ValueError`` naming the file for one that cannot be used."""
     if path is None:
         return None
+    from safetensors import SafetensorError
+
     from lrq_ao.rounding.calibration import Calibration
 
-    return Calibration.load(path)
+    if not Path(path).is_file():
+        raise ValueError(f"--calib {path} does not exist; write one with lrq_ao.calibrate(model) ... calib.save(path)")
+    try:
+        return Calibration.load(path)
+    except (SafetensorError, OSError, KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"--calib {path} is not a usable lrq_ao calibration file ({str(e).splitlines()[0] if str(e) else e!r}); "
+            f"write one with lrq_ao.calibrate(model) ... calib.save(path)"
+        ) from None
+
+
+def check_calibration_flags(args: argparse.Namespace) -> None:
+    """Refuse, before any work, rounding choices that need ``--calib`` when it is not given (in the CLI's words)."""
+    from lrq_ao.rounding.objectives import needs_calibration
+
+    if args.calib is not None or args.simple:
+        return
+    if needs_calibration(args.objective):
+        raise ValueError(
+            f"--objective {args.objective} minimizes the layer's output error and needs activation statistics: pass "
+            f"--calib FILE (from lrq_ao.calibrate), or use --objective svd (no data) or --simple (round-to-nearest)"
+        )
+    if args.init == "gptq":
+        raise ValueError("--init gptq needs --calib FILE (activation statistics); drop --init or pass --calib")
+
+
+def check_side_outputs(args: argparse.Namespace) -> None:
+    """Check the ``--report`` and ``--plot`` paths (and that ``--plot`` can run) before the conversion starts, so a
+    typo does not fail after hours of work."""
+    for flag, path in (("--report", args.report), ("--plot", args.plot)):
+        if path is None:
+            continue
+        target = Path(path)
+        if target.is_dir():
+            raise IsADirectoryError(f"{flag} {path} is a folder; give a file path")
+        folder = target.parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{flag} {path}: folder {folder} does not exist; create it first")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{flag} {path}: folder {folder} is not writable; choose another path")
+    if args.plot is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise RuntimeError("--plot needs matplotlib; install it with `pip install 'lrq_ao[plot]'` or drop --plot")
+
+
+def remove_outputs(plan, output: Path) -> list[Path]:
+    """Delete every final file of ``plan``'s output to ``-o output`` (a failed ``--verify``); returns those removed."""
+    final, files, index = plan.output_files(output)
+    paths = [f.path for f in files] + ([final] if index is not None else [])
+    removed = [p for p in paths if p.exists()]
+    for p in removed:
+        p.unlink()
+    return removed
 
 
 def _say(quiet: bool, *msg: str) -> None:
@@ -415,7 +481,8 @@ def run(argv: list[str] | None = None) -> int:
     distributed = launched_distributed()  # under torchrun: rank 0 prints, verifies and reports
     args.quiet = args.quiet or RankInfo.from_env().rank != 0
     options = options_from_args(args)
-    source = read_source(args.input)
+    check_calibration_flags(args)
+    source = read_source(args.input, allow_outside=args.allow_shards_outside)
     plan = build_plan(source, options, max_shard_size=args.max_shard_size)
     output = Path(args.output) if args.output else default_output(args.input, options.format)
     if not args.dry_run:
@@ -432,6 +499,7 @@ def run(argv: list[str] | None = None) -> int:
         print(f"output would be: {final}{shards}")
         return 0
     check_plan_targets(plan, output, overwrite=args.overwrite, resume=args.resume)
+    check_side_outputs(args)
     run_opts = RunOptions(args.device, args.resume, args.overwrite, args.quiet, _load_calibration(args.calib))
     if distributed:
         from lrq_ao.convert.distributed import convert_distributed
@@ -445,9 +513,14 @@ def run(argv: list[str] | None = None) -> int:
     if args.verify:
         from lrq_ao.convert.verify import verify_output
 
-        report.verify = verify_output(plan, report)
+        try:
+            report.verify = verify_output(plan, report)
+        except ValueError as e:  # the output cannot even be read back
+            report.verify = {"ok": False, "problems": [f"the output cannot be read back: {e}"]}
         if not report.verify["ok"]:
+            removed = remove_outputs(plan, output)
             print("verify FAILED:\n  " + "\n  ".join(report.verify["problems"]), file=sys.stderr)
+            print(f"lrq-convert: deleted the unverified output ({', '.join(map(str, removed))})", file=sys.stderr)
             code = 3
         else:
             _say(
@@ -458,7 +531,8 @@ def run(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(report.table(max_rows=60))
         shards = f" and {len(plan.shards)} shards beside it" if plan.shards else ""
-        print(f"wrote {report.output}{shards}")
+        if code == 0:
+            print(f"wrote {report.output}{shards}")
     if args.report:
         report.write_json(args.report)
     if args.plot:

@@ -231,7 +231,7 @@ def _open_output(
     error, done, resuming = setup
     if error is None and me.rank != 0:
         try:
-            writer = open_plan_output(plan, target, resume=True)  # checks headers and sizes
+            writer = open_plan_output(plan, target, resume=True, lock=False)  # rank 0 holds the lock
         except Exception as e:
             error = f"rank {me.rank} could not open {partial}: {e}"
     errors = [None] * me.world_size

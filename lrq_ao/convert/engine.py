@@ -29,6 +29,7 @@ from lrq_ao.formats import QuantizedWeight, WeightFormat
 # Test-only hook: SIGKILL this process after N journal entries (used to test --resume with a real killed run).
 KILL_HOOK_ENV = "LRQ_CONVERT_TEST_KILL_AFTER"
 SQNR_CHUNK_ELEMENTS = 1 << 20
+SPACE_MARGIN = 16 * 2**20  # free space kept beyond the output's own size (journal, filesystem metadata)
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
@@ -176,11 +177,47 @@ def check_output_target(target: Path, *, overwrite: bool, resume: bool) -> None:
 
 def check_plan_targets(plan: ConversionPlan, target: str | Path, *, overwrite: bool, resume: bool) -> Path:
     """``check_output_target`` for every file ``plan`` writes for ``-o target`` (each shard and the index when
-    sharded). Returns the final path: ``target`` itself, or the index of a sharded output."""
+    sharded), then ``check_free_space``. Returns the final path: ``target`` itself, or the index of a sharded
+    output."""
     final, files, index = plan.output_files(target)
     for path in [f.path for f in files] + ([final] if index is not None else []):
         check_output_target(path, overwrite=overwrite, resume=resume)
+    check_free_space(plan, final, [f.path for f in files], resume=resume)
     return final
+
+
+def check_free_space(plan: ConversionPlan, final: Path, paths: list[Path], *, resume: bool) -> None:
+    """Refuse to start when the output folder has less free space than the output needs (less the blocks a partial
+    output being resumed already holds), plus ``SPACE_MARGIN``. ``OSError`` (ENOSPC) saying how much is missing."""
+    import errno
+    import shutil
+
+    needed = plan.output_bytes + SPACE_MARGIN
+    if resume:
+        needed -= sum(_allocated(partial_path(p)) for p in paths)
+    free = shutil.disk_usage(final.parent).free
+    if free < needed:
+        from lrq_ao.convert.report import human_bytes
+
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough free space in {final.parent}: the output needs {human_bytes(needed)}, "
+            f"{human_bytes(free)} are free; free {human_bytes(needed - free)} or choose another -o",
+        )
+
+
+def _allocated(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
+def input_mode(plan: ConversionPlan) -> int:
+    """The permission bits the output gets: the input's (its first file's), so a private checkpoint stays private."""
+    import stat
+
+    return stat.S_IMODE(os.stat(plan.source.files[0]).st_mode)
 
 
 def output_size(writer: StreamingWriter | ShardedWriter) -> int:
@@ -215,10 +252,13 @@ def plan_report(
     )
 
 
-def open_plan_output(plan: ConversionPlan, target: str | Path, *, resume: bool) -> StreamingWriter | ShardedWriter:
-    """The writer for ``plan``'s output to ``-o target`` (``stream.open_output``), new or reopened for resume."""
+def open_plan_output(
+    plan: ConversionPlan, target: str | Path, *, resume: bool, lock: bool = True
+) -> StreamingWriter | ShardedWriter:
+    """The writer for ``plan``'s output to ``-o target`` (``stream.open_output``), new or reopened for resume,
+    locked against a second writer unless ``lock`` is False, finishing with the input's permission bits."""
     final, files, index = plan.output_files(target)
-    return open_output(final, files, index, resume=resume)
+    return open_output(final, files, index, resume=resume, lock=lock, mode=input_mode(plan))
 
 
 def _kill_hook() -> int | None:
@@ -315,11 +355,11 @@ def convert(plan: ConversionPlan, target: str | Path, run: RunOptions | None = N
     partial = partial_path(final)
     jpath = journal_path(partial)
     resuming = run.resume and partial.exists() and jpath.exists()
+    writer = open_plan_output(plan, target, resume=resuming)  # first: it locks out a second writer
     if not resuming:
         # A fresh start truncates the partial file, so journals of an earlier torchrun run no longer describe it.
         for stale in rank_journals(jpath):
             stale.unlink(missing_ok=True)
-    writer = open_plan_output(plan, target, resume=resuming)
     try:
         journal = Journal.reopen(jpath, plan_hash) if resuming else Journal.start(jpath, plan_hash)
     except Exception:

@@ -41,7 +41,7 @@ class Journal:
 
     @classmethod
     def start(cls, path: Path, plan_hash: str) -> Journal:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.write(fd, (json.dumps({"journal": JOURNAL_VERSION, "plan": plan_hash}) + "\n").encode())
         return cls(path, plan_hash, {}, fd)
 

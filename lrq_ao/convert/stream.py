@@ -207,34 +207,65 @@ def encode_header(entries: list[OutputEntry], metadata: dict[str, str]) -> bytes
     return struct.pack("<Q", len(raw)) + raw
 
 
+class OutputBusyError(RuntimeError):
+    """Another process is writing the same output (it holds the lock on its ``.partial`` file)."""
+
+
+PARTIAL_MODE = 0o600  # a partial file is private while written; ``finish`` gives it the output's mode
+DEFAULT_MODE = 0o644
+
+
 class StreamingWriter:
     """Writes a safetensors file whose header is known up front; tensor bytes may arrive in any order.
 
-    Data goes to ``<target>.partial`` (same folder, so the final rename is atomic); ``finish`` checks every tensor
-    was written, fsyncs and renames. ``open_existing`` reopens a partial file for ``--resume``.
+    Data goes to ``<target>.partial`` (same folder, so the final rename is atomic), on which the writer holds an
+    exclusive ``flock`` from before it touches a byte until after the rename: a second writer of the same output
+    gets ``OutputBusyError`` naming the process that holds it, and never truncates the first one's file
+    (``lock=False`` is for the extra ranks of a torchrun conversion, which write into the file rank 0 locked).
+    ``finish`` checks every tensor was written, fsyncs, sets ``mode`` (the input's permission bits) and renames.
+    ``resume`` reopens a partial file for ``--resume``.
     """
 
-    def __init__(self, target: Path, entries: list[OutputEntry], metadata: dict[str, str], *, resume: bool = False):
+    def __init__(
+        self,
+        target: Path,
+        entries: list[OutputEntry],
+        metadata: dict[str, str],
+        *,
+        resume: bool = False,
+        lock: bool = True,
+        mode: int = DEFAULT_MODE,
+    ):
         self.target = Path(target)
         self.partial = partial_path(self.target)
         self.entries = {e.name: e for e in entries}
         self.header = encode_header(entries, metadata)
         self.total = len(self.header) + sum(e.nbytes for e in entries)
-        if resume:
-            self.fd = os.open(self.partial, os.O_RDWR)
-            existing = os.pread(self.fd, len(self.header), 0)
-            if existing != self.header or os.fstat(self.fd).st_size != self.total:
-                os.close(self.fd)
-                raise CheckpointError(
-                    f"{self.partial} does not match this conversion's output layout; delete it or run without --resume"
-                )
-        else:
-            try:
-                self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            except OSError as e:
-                raise OSError(f"cannot create output file {self.partial} ({e.strerror}); choose another -o") from e
-            os.ftruncate(self.fd, self.total)
-            os.pwrite(self.fd, self.header, 0)
+        self.mode = mode
+        self.fd = -1
+        flags = os.O_RDWR if resume else os.O_RDWR | os.O_CREAT
+        try:
+            self.fd = os.open(self.partial, flags, PARTIAL_MODE)
+        except OSError as e:
+            raise OSError(f"cannot create output file {self.partial} ({e.strerror}); choose another -o") from e
+        if lock:
+            take_lock(self.fd, self.partial)
+        try:
+            if resume:
+                existing = os.pread(self.fd, len(self.header), 0)
+                if existing != self.header or os.fstat(self.fd).st_size != self.total:
+                    raise CheckpointError(
+                        f"{self.partial} does not match this conversion's output layout; delete it or run without "
+                        f"--resume"
+                    )
+            else:
+                os.ftruncate(self.fd, 0)  # only now, under the lock: a partial file of an earlier run is replaced
+                os.ftruncate(self.fd, self.total)
+                self._pwrite(0, memoryview(self.header))
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
 
     def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
         entry = self.entries[name]
@@ -244,10 +275,15 @@ class StreamingWriter:
         self.write_at(entry, 0, buf)
 
     def write_at(self, entry: OutputEntry, within: int, buf: memoryview) -> None:
-        pos = len(self.header) + entry.offset + within
+        self._pwrite(len(self.header) + entry.offset + within, buf)
+
+    def _pwrite(self, pos: int, buf: memoryview) -> None:
         buf = buf.cast("B")
         while buf.nbytes:
-            n = os.pwrite(self.fd, buf, pos)
+            try:
+                n = os.pwrite(self.fd, buf, pos)
+            except OSError as e:
+                raise _write_error(e, self.partial, buf.nbytes) from None
             buf, pos = buf[n:], pos + n
 
     def copy_from(self, name: str, info: TensorInfo) -> None:
@@ -269,16 +305,31 @@ class StreamingWriter:
         """The final file names this writer produces."""
         return [self.target]
 
+    def sync(self) -> None:
+        """Flush the data to disk and give the file its final permission bits; it keeps its ``.partial`` name and
+        this writer its lock."""
+        os.fsync(self.fd)
+        os.fchmod(self.fd, self.mode)
+
+    def close(self) -> None:
+        """Close the file (releasing the lock)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def sync_close(self) -> None:
         """Flush the data to disk and close; the file keeps its ``.partial`` name."""
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
+        self.sync()
+        self.close()
 
     def finish(self) -> Path:
-        self.sync_close()
-        os.replace(self.partial, self.target)
-        _fsync_dir(self.target.parent)
+        """Sync, rename ``.partial`` to the target while still holding the lock, then close."""
+        try:
+            self.sync()
+            os.replace(self.partial, self.target)
+            _fsync_dir(self.target.parent)
+        finally:
+            self.close()
         return self.target
 
     def abort(self, *, keep_partial: bool) -> None:
@@ -308,8 +359,18 @@ class ShardedWriter:
     renames the index, so a loader that starts from the index never sees an incomplete set.
     """
 
-    def __init__(self, index: Path, files: list[OutputFile], index_json: bytes, *, resume: bool = False):
+    def __init__(
+        self,
+        index: Path,
+        files: list[OutputFile],
+        index_json: bytes,
+        *,
+        resume: bool = False,
+        lock: bool = True,
+        mode: int = DEFAULT_MODE,
+    ):
         self.target = Path(index)
+        self.mode = mode
         self.partial = partial_path(self.target)
         self.index_json = index_json
         if resume:
@@ -321,9 +382,12 @@ class ShardedWriter:
                     f"files or run without --resume"
                 )
         self.writers: list[StreamingWriter] = []
+        self.owns_index = False  # the index's partial file is ours once every shard's lock is held
         try:
             for f in files:
-                self.writers.append(StreamingWriter(f.path, f.entries, f.metadata, resume=resume))
+                writer = StreamingWriter(f.path, f.entries, f.metadata, resume=resume, lock=lock, mode=mode)
+                self.writers.append(writer)
+            self.owns_index = True
             if not resume:
                 _write_file(self.partial, index_json)
         except BaseException:
@@ -342,36 +406,103 @@ class ShardedWriter:
         self.owner[name].copy_from(name, info)
 
     def finish(self) -> Path:
-        for w in self.writers:
-            w.sync_close()
-        for w in self.writers:
-            os.replace(w.partial, w.target)
-        _fsync_dir(self.target.parent)
-        os.replace(self.partial, self.target)
-        _fsync_dir(self.target.parent)
+        """Sync every shard, rename them, then the index (written last, so a loader starting from it never sees an
+        incomplete set); the shards' locks are held until every rename is done."""
+        try:
+            for w in self.writers:
+                w.sync()
+            os.chmod(self.partial, self.mode)
+            for w in self.writers:
+                os.replace(w.partial, w.target)
+            _fsync_dir(self.target.parent)
+            os.replace(self.partial, self.target)
+            _fsync_dir(self.target.parent)
+        finally:
+            for w in self.writers:
+                w.close()
         return self.target
 
     def abort(self, *, keep_partial: bool) -> None:
         """Close every shard; delete every partial file (shards and index) unless they are kept for ``--resume``."""
         for w in self.writers:
             w.abort(keep_partial=keep_partial)
-        if not keep_partial:
+        if not keep_partial and self.owns_index:
             self.partial.unlink(missing_ok=True)
 
 
 def open_output(
-    target: Path, files: list[OutputFile], index_json: bytes | None, *, resume: bool = False
+    target: Path,
+    files: list[OutputFile],
+    index_json: bytes | None,
+    *,
+    resume: bool = False,
+    lock: bool = True,
+    mode: int = DEFAULT_MODE,
 ) -> StreamingWriter | ShardedWriter:
-    """The writer for a plan's output: one ``StreamingWriter`` (no index) or a ``ShardedWriter`` for shards + index."""
+    """The writer for a plan's output: one ``StreamingWriter`` (no index) or a ``ShardedWriter`` for shards + index;
+    ``lock`` and ``mode`` as ``StreamingWriter`` takes them."""
     if index_json is None:
         (only,) = files
-        return StreamingWriter(only.path, only.entries, only.metadata, resume=resume)
-    return ShardedWriter(target, files, index_json, resume=resume)
+        return StreamingWriter(only.path, only.entries, only.metadata, resume=resume, lock=lock, mode=mode)
+    return ShardedWriter(target, files, index_json, resume=resume, lock=lock, mode=mode)
+
+
+def take_lock(fd: int, path: Path) -> None:
+    """An exclusive, non-blocking ``flock`` on ``fd``; ``OutputBusyError`` naming the holder if another has it."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock_holder(fd)
+        os.close(fd)
+        raise OutputBusyError(
+            f"{path} is being written by another conversion ({holder}); wait for it to finish, or choose another -o"
+        ) from None
+
+
+def lock_holder(fd: int) -> str:
+    """Who holds the ``flock`` on ``fd``'s file: ``pid N: <command line>`` from ``/proc/locks`` (Linux), else a
+    generic phrase."""
+    inode = os.fstat(fd).st_ino
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+                    pid = fields[4]
+                    return f"pid {pid}: {_command_line(pid)}"
+    except OSError:
+        pass
+    return "another process holds its lock"
+
+
+def _command_line(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return "command unknown"
+    text = " ".join(w.decode("utf-8", "replace") for w in words)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _write_error(e: OSError, path: Path, remaining: int) -> OSError:
+    """A write failure as one line; a full disk says so and what to do."""
+    import errno
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(
+            e.errno,
+            f"disk full while writing {path} ({remaining} bytes still to write); free space or choose another -o, "
+            f"then run again",
+        )
+    return OSError(e.errno, f"cannot write {path} ({e.strerror}); check the disk, then run again")
 
 
 def _write_file(path: Path, data: bytes) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PARTIAL_MODE)
     except OSError as e:
         raise OSError(f"cannot create output file {path} ({e.strerror}); choose another -o") from e
     try:
