@@ -199,11 +199,12 @@ def check_free_space(plan: ConversionPlan, final: Path, paths: list[Path], *, re
     if free < needed:
         from lrq_ao.convert.report import human_bytes
 
-        raise OSError(
-            errno.ENOSPC,
+        error = OSError(
             f"not enough free space in {final.parent}: the output needs {human_bytes(needed)}, "
-            f"{human_bytes(free)} are free; free {human_bytes(needed - free)} or choose another -o",
+            f"{human_bytes(free)} are free; free {human_bytes(needed - free)} or choose another -o"
         )
+        error.errno = errno.ENOSPC
+        raise error
 
 
 def _allocated(path: Path) -> int:

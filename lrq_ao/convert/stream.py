@@ -492,12 +492,14 @@ def _write_error(e: OSError, path: Path, remaining: int) -> OSError:
     import errno
 
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return OSError(
-            e.errno,
+        error = OSError(
             f"disk full while writing {path} ({remaining} bytes still to write); free space or choose another -o, "
-            f"then run again",
+            f"then run again"
         )
-    return OSError(e.errno, f"cannot write {path} ({e.strerror}); check the disk, then run again")
+    else:
+        error = OSError(f"cannot write {path} ({e.strerror or e}); check the disk, then run again")
+    error.errno = e.errno
+    return error
 
 
 def _write_file(path: Path, data: bytes) -> None:
