@@ -138,6 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted for compatibility; the output always carries .comfy_quant markers",
     )
     io.add_argument(
+        "--save-quant-metadata",
+        "--save_quant_metadata",
+        action="store_true",
+        dest="save_quant_metadata",
+        help="accepted for convert_to_quant compatibility; the _quantization_metadata header is always written "
+        "(--no-metadata leaves it out)",
+    )
+    io.add_argument(
+        "--low-memory",
+        "--low_memory",
+        "-lm",
+        action="store_true",
+        dest="low_memory",
+        help="accepted for convert_to_quant compatibility; lrq-convert always streams one layer at a time",
+    )
+    io.add_argument(
         "--no-metadata",
         action="store_true",
         dest="no_metadata",
@@ -150,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(format_aliases()),
         metavar="NAME",
         help="explicit output format (overrides --int8/--scaling_mode); see the table above",
+    )
+    fmt.add_argument(
+        "--mxfp8",
+        action="store_const",
+        const="mxfp8",
+        dest="format",
+        help="MXFP8 (same as --format mxfp8; convert_to_quant's flag)",
+    )
+    fmt.add_argument(
+        "--nvfp4",
+        action="store_const",
+        const="nvfp4",
+        dest="format",
+        help="NVFP4 (same as --format nvfp4; convert_to_quant's flag)",
     )
     fmt.add_argument(
         "--int8",
@@ -482,6 +512,12 @@ def run(argv: list[str] | None = None) -> int:
     args.quiet = args.quiet or RankInfo.from_env().rank != 0
     options = options_from_args(args)
     check_calibration_flags(args)
+    if args.int8 and args.scaling_mode is None and not args.format and not args.convrot:
+        _say(
+            args.quiet,
+            "note: --int8 alone writes int8_tensorwise with one scale per row (stock ComfyUI loads it); "
+            "convert_to_quant 1.3.4's --int8 wrote one scale per tensor: add --scaling_mode tensor for that",
+        )
     source = read_source(args.input, allow_outside=args.allow_shards_outside)
     plan = build_plan(source, options, max_shard_size=args.max_shard_size)
     output = Path(args.output) if args.output else default_output(args.input, options.format)
