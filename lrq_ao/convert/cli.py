@@ -518,6 +518,12 @@ def run(argv: list[str] | None = None) -> int:
             "note: --int8 alone writes int8_tensorwise with one scale per row (stock ComfyUI loads it); "
             "convert_to_quant 1.3.4's --int8 wrote one scale per tensor: add --scaling_mode tensor for that",
         )
+    if args.custom_format == "int8":
+        _say(
+            args.quiet,
+            "note: --custom-type int8 writes per-row int8_tensorwise; convert_to_quant 1.3.4's wrote 128-blocks: "
+            "use --custom-type int8_blockwise for that",
+        )
     source = read_source(args.input, allow_outside=args.allow_shards_outside)
     plan = build_plan(source, options, max_shard_size=args.max_shard_size)
     output = Path(args.output) if args.output else default_output(args.input, options.format)
