@@ -82,7 +82,9 @@ def test_block_size_applies_only_to_formats_with_blocks():
     # A config written before for a format without blocks carried one too (the CLI set it); it still loads.
     old = LearnedRoundingConfig(format="fp8", block_size=64)
     assert old.weight_format is FORMATS["fp8"]
-    with pytest.raises(ValueError, match="block_size must be one of \(16, 32, 64, 128, 256, 1024\) for format int8_block"):
+    with pytest.raises(
+        ValueError, match=r"block_size must be one of \(16, 32, 64, 128, 256, 1024\) for format int8_block"
+    ):
         LearnedRoundingConfig(format="int8_block", block_size=48)
     with pytest.raises(ValueError, match="format fp8 has no blocks"):
         LearnedRoundingConfig(format="fp8", block_size=48)
