@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 PACKAGE_ROOT = Path(__file__).parent
-# What decides the ops of a compiled graph: layouts (dispatch, backends), kernels (ops, their selection) and the
-# quantization arithmetic they share.
-DISPATCH_CODE = ("layouts/*.py", "kernels/*.py", "primitives.py")
+# What decides the ops of a compiled graph: layouts (dispatch, backend selection), kernels (the ops), the formats
+# (their scale and dequantization rules) and the quantization arithmetic they share.
+DISPATCH_CODE = ("layouts/*.py", "kernels/*.py", "formats/*.py", "primitives.py")
 
 
 def dispatch_code_digest(root: Path = PACKAGE_ROOT) -> str:

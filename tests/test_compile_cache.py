@@ -27,9 +27,12 @@ def test_digest_changes_with_dispatch_code_only(tmp_path):
     assert before == dispatch_code_digest(PACKAGE_ROOT)  # the digest depends on the files, not on where they are
     (root / "demo.py").write_text("# not dispatch code\n")
     assert dispatch_code_digest(root) == before
-    backends = root / "kernels" / "backends.py"
-    backends.write_text(backends.read_text() + "\n# one more line\n")
-    assert dispatch_code_digest(root) != before
+    for dispatch_file in ("layouts/registry.py", "kernels/row_gemm.py", "formats/convrot.py"):
+        edited = root / dispatch_file
+        edited.write_text(edited.read_text() + "\n# one more line\n")
+        after = dispatch_code_digest(root)
+        assert after != before, dispatch_file
+        before = after
 
 
 @pytest.mark.slow  # three small CPU compiles
